@@ -1,0 +1,77 @@
+"""The `duplexline` command: the composition root, the only place that reads the
+environment. Subcommands: `serve` (the bridge), `model init` (write a tiny model)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import ConfigError
+from .settings import add_serve_arguments, settings_from
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duplexline",
+        description="Full-duplex speech language model (OmniFlatten) on the phone line.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run the bridge: answer SIP and WebRTC calls",
+                           description="Run the bridge. Every option also reads a "
+                           "DUPLEXLINE_* environment variable; a flag wins.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    model = sub.add_parser("model", help="model files: write a tiny model for demos and tests")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    init = model_sub.add_parser("init", help="write a randomly initialised OmniFlatten model folder",
+                                description="Write a model folder (config.json, backbone in "
+                                "Hugging Face format, codec files). Untrained: for demos and tests.")
+    init.add_argument("out", metavar="OUT", help="folder to create (must not exist or be empty)")
+    init.add_argument("--tiny", action="store_true", required=True,
+                      help="a tiny configuration (the only size offered: no weights are public)")
+    init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    init.set_defaults(func=_model_init)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args, os.environ)
+    _configure_logging(settings.log_level)
+    from .server import run_server
+
+    return run_server(settings)
+
+
+def _model_init(args: argparse.Namespace) -> int:
+    _configure_logging("INFO")
+    from model.checkpoint import write_tiny_model
+
+    path = write_tiny_model(args.out, seed=args.seed)
+    print(f"wrote a tiny, untrained OmniFlatten model to {path}")
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"duplexline: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
