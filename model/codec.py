@@ -1,0 +1,59 @@
+"""The speech codec's two interfaces, so the engine and the agent do not care which
+implementation runs: `SpeechTokenizer` (16 kHz PCM -> speech codes) and `SpeechDecoder`
+(speech codes -> PCM at the decoder's rate). Both stream: state lives in a per-call
+stream object made by `new_stream()`, the (large, shared) weights in the codec object.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+__all__ = ["SpeechTokenizer", "TokenizerStream", "SpeechDecoder", "DecoderStream"]
+
+
+class TokenizerStream(ABC):
+    """One call's tokenizer state. Not thread-safe: one call, one thread at a time."""
+
+    @abstractmethod
+    def push(self, pcm16k: np.ndarray) -> np.ndarray:
+        """Feed float32 samples at 16 kHz in [-1, 1]; return the int64 codes (0..codebook-1)
+        that became final, possibly none. Codes come at the tokenizer's token rate."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget all audio (a new call on the same stream object)."""
+
+
+class SpeechTokenizer(ABC):
+    sample_rate: int = 16000
+    token_rate: int  # codes per second (25 or 50)
+    codebook_size: int
+
+    @abstractmethod
+    def new_stream(self) -> TokenizerStream: ...
+
+    @abstractmethod
+    def encode(self, pcm16k: np.ndarray) -> np.ndarray:
+        """Whole-utterance codes for float32 samples at 16 kHz."""
+
+
+class DecoderStream(ABC):
+    """One call's decoder state: continuity across chunks lives here."""
+
+    @abstractmethod
+    def push(self, codes: np.ndarray) -> np.ndarray:
+        """Decode one chunk of speech codes (int64; -1 = silent speech) into float32 PCM at
+        the decoder's rate, continuous with the previous chunk."""
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+
+class SpeechDecoder(ABC):
+    sample_rate: int  # 22050 or 24000
+    token_rate: int
+
+    @abstractmethod
+    def new_stream(self) -> DecoderStream: ...
