@@ -44,6 +44,7 @@ class ChunkResult:
     speech_codes: tuple[int, ...]
     token_ids: tuple[int, ...]  # the decoded vocabulary ids, text then speech
     tokens_in: int
+    dropped: bool = False  # True: the engine answered with silence (backlog full)
 
 
 @dataclass(frozen=True)
