@@ -29,7 +29,8 @@ from .errors import CheckpointError, ConfigInvalid
 from .omniflatten import OmniFlatten
 from .vocab import Vocabulary
 
-__all__ = ["LoadedModel", "build_model", "save_model", "load_model", "tiny_config", "write_tiny_model"]
+__all__ = ["LoadedModel", "build_model", "save_model", "load_model", "tiny_config", "qwen2_05b_config",
+           "write_tiny_model"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ def tiny_config(**changes: Any) -> OmniFlattenConfig:
         "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
     }
     return OmniFlattenConfig(**{"backbone": backbone, "context_length": 512, **changes})
+
+
+def qwen2_05b_config(**changes: Any) -> OmniFlattenConfig:
+    """The paper's backbone shape (Qwen2-0.5B), for benchmarks with random weights."""
+    backbone = {
+        "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+        "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    }
+    return OmniFlattenConfig(**{"backbone": backbone, **changes})
 
 
 def _qwen2_config(fields: dict[str, Any]):
