@@ -1,0 +1,816 @@
+"""S3 speech tokenizer: CosyVoice's supervised semantic tokenizer v1 (4096 codes, 50 Hz or
+25 Hz), written in plain torch and loadable from the upstream weights.
+
+Model (as the public `s3tokenizer` port describes it; our own code):
+
+    16 kHz PCM -> log-mel (128 x 100 frames/s, `s3_frontend`)
+    -> conv1 (k3, pad 1, stride 1 for 50 Hz / 2 for 25 Hz) -> GELU
+    -> conv2 (k3, pad 1, stride 2) -> GELU -> + sinusoidal positions (1500 x width)
+    -> `layers` pre-norm blocks (LayerNorm, self-attention with a bias-less key, LayerNorm,
+       MLP width*4 GELU), padded frames masked
+    -> L2-normalise -> nearest codebook row by Euclidean distance -> int64 code.
+
+Invariants:
+
+- `n` samples give `n // 160` mel frames and `ceil(frames / (2 * stride))` codes, so every
+  whole second gives exactly `token_rate` codes (50 or 25).
+- Module and buffer names follow the `s3tokenizer` package's state-dict layout
+  (`encoder.conv1.weight`, `encoder.positional_embedding`, `encoder.blocks.N.attn.query.weight`,
+  `encoder.blocks.N.mlp.0.weight`, `quantizer._codebook.embed`, ...): an official converted
+  state dict loads with `strict=True`; `S3Tokenizer.from_onnx` does that conversion itself.
+- Whole-utterance encoding attends over at most `max_seconds` (30 s); longer input is cut
+  into 30 s windows overlapping by 4 s and each window keeps the middle of its overlaps,
+  as upstream does.
+- Streaming (`S3TokenizerStream`) re-encodes a sliding window on a fixed grid: step `i`
+  finalises codes `[i*S, (i+1)*S)` (S = step tokens) from the audio
+  `[(i*S)*H - lookback, (i+1)*S*H + lookahead)` (H = samples per code). Codes therefore
+  depend only on the audio, never on how it was split into pushes, and the buffer never
+  holds more than one window. They differ from whole-utterance codes because attention
+  sees only the window (no future beyond the look-ahead, positions restart per window) and
+  the log-mel floor uses the window's maximum; see `s3_frontend`.
+- The quantiser normalises the encoder output to unit length before the nearest-neighbour
+  search, as upstream's `VectorQuantization.encode` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codec import SpeechTokenizer, TokenizerStream
+from .errors import CheckpointError, ConfigInvalid
+from .s3_frontend import LogMel, n_frames
+
+__all__ = [
+    "S3Config",
+    "S3Model",
+    "S3Tokenizer",
+    "S3TokenizerStream",
+    "WEIGHTS_FILE",
+    "CONFIG_FILE",
+]
+
+WEIGHTS_FILE = "s3_tokenizer.safetensors"
+CONFIG_FILE = "s3_tokenizer.json"
+_FORMAT = "duplexline-s3-tokenizer/1"
+
+_LONG_OVERLAP_SECONDS = 4  # upstream's overlap between 30 s windows for long audio
+_TOKEN_EPS = 1e-6  # tolerance when a duration must be a whole number of codes
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Sizes of the S3 tokenizer and of its streaming window.
+
+    The defaults are the upstream v1 50 Hz model (`speech_tokenizer_v1.onnx`); the 25 Hz
+    model differs only in `token_rate=25` (conv1 stride 2). Streaming: each re-encode
+    covers `window_seconds` = `lookback_seconds` (already-coded audio kept as left context)
+    + new audio (the step, a whole number of codes) + `lookahead_seconds` (right context a
+    code waits for: added latency). The default step, 0.2 s, is one OmniFlatten user
+    chunk (10 codes at 50 Hz, 5 at 25 Hz): codes arrive as the engine consumes them."""
+
+    n_mels: int = 128
+    width: int = 1280  # n_state
+    heads: int = 20
+    layers: int = 6
+    codebook_size: int = 4096
+    token_rate: int = 50  # codes per second: 50 (conv1 stride 1) or 25 (stride 2)
+    n_fft: int = 400
+    hop: int = 160
+    sample_rate: int = 16000
+    max_seconds: float = 30.0  # attention span of one encode; sets the 1500 positions
+    window_seconds: float = 2.2
+    lookback_seconds: float = 2.0
+    lookahead_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_model()
+        self._check_stream()
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wanted = (int, float) if f.type == "float" else (int,)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise ConfigInvalid(f.name, f"must be {f.type}, got {value!r}")
+
+    def _check_model(self) -> None:
+        for name in ("n_mels", "width", "heads", "layers", "n_fft", "hop", "sample_rate"):
+            if getattr(self, name) < 1:
+                raise ConfigInvalid(name, f"must be positive, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ConfigInvalid("width", f"{self.width} is not divisible by heads={self.heads}")
+        if self.width % 2 or self.width < 4:
+            raise ConfigInvalid("width", f"the sinusoidal positions need an even width >= 4, got {self.width}")
+        if self.codebook_size < 2:
+            raise ConfigInvalid("codebook_size", f"must be at least 2, got {self.codebook_size}")
+        if self.hop > self.n_fft:
+            raise ConfigInvalid("hop", f"{self.hop} is longer than n_fft={self.n_fft}")
+        per_code = self.hop * 2 * self.token_rate
+        if self.token_rate < 1 or self.sample_rate % per_code or self.sample_rate // per_code not in (1, 2):
+            raise ConfigInvalid("token_rate", f"must make conv1's stride 1 or 2 (50 or 25 Hz at hop "
+                                f"{self.hop}, {self.sample_rate} Hz), got {self.token_rate}")
+        ctx = self.max_seconds * self.sample_rate / self.hop / 2
+        if not self.max_seconds > 0 or abs(ctx - round(ctx)) > _TOKEN_EPS:
+            raise ConfigInvalid("max_seconds", f"must be positive and a whole number of 2-frame "
+                                f"positions, got {self.max_seconds}")
+
+    def _check_stream(self) -> None:
+        if not 0 < self.window_seconds <= self.max_seconds:
+            raise ConfigInvalid("window_seconds", f"must be in (0, max_seconds={self.max_seconds}], "
+                                f"got {self.window_seconds}")
+        if self.lookback_seconds < 0 or not _whole(self.lookback_seconds * self.token_rate):
+            raise ConfigInvalid("lookback_seconds", f"must be >= 0 and a whole number of codes "
+                                f"(1/{self.token_rate} s), got {self.lookback_seconds}")
+        if self.lookahead_seconds < 0:
+            raise ConfigInvalid("lookahead_seconds", f"must be >= 0, got {self.lookahead_seconds}")
+        step = (self.window_seconds - self.lookback_seconds - self.lookahead_seconds) * self.token_rate
+        if step < 1 - _TOKEN_EPS or not _whole(step):
+            raise ConfigInvalid("window_seconds", f"minus look-back and look-ahead must leave a whole "
+                                f"number (>= 1) of codes of 1/{self.token_rate} s, leaves {step:g}")
+
+    # Derived sizes ---------------------------------------------------------------
+
+    @property
+    def stride(self) -> int:
+        """conv1's stride: 1 for 50 Hz, 2 for 25 Hz."""
+        return self.sample_rate // (self.hop * 2 * self.token_rate)
+
+    @property
+    def n_ctx(self) -> int:
+        """Rows of the positional embedding (1500 for 30 s, whatever the stride, as upstream)."""
+        return round(self.max_seconds * self.sample_rate / self.hop / 2)
+
+    @property
+    def samples_per_token(self) -> int:
+        return self.sample_rate // self.token_rate
+
+    @property
+    def step_tokens(self) -> int:
+        """Codes finalised per streaming re-encode."""
+        return round((self.window_seconds - self.lookback_seconds - self.lookahead_seconds) * self.token_rate)
+
+    @property
+    def lookback_samples(self) -> int:
+        return round(self.lookback_seconds * self.token_rate) * self.samples_per_token
+
+    @property
+    def lookahead_samples(self) -> int:
+        return round(self.lookahead_seconds * self.sample_rate)
+
+    def tokens_for_samples(self, n_samples: int) -> int:
+        """Codes that whole-utterance encoding gives for `n_samples` samples."""
+        return _conv_len(_conv_len(n_frames(n_samples, self.hop), self.stride), 2)
+
+    # Serialisation -------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> S3Config:
+        """Exactly the fields of `S3Config`; an unknown or missing one raises ConfigInvalid."""
+        if not isinstance(data, Mapping):
+            raise ConfigInvalid("<root>", f"must be an object, got {type(data).__name__}", source)
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigInvalid(str(key), "unknown field", source)
+        for name in names:
+            if name not in data:
+                raise ConfigInvalid(name, "missing", source)
+        try:
+            return cls(**dict(data))
+        except ConfigInvalid as exc:
+            if source is None:
+                raise
+            # Same field and reason, now naming the file it came from.
+            why = str(exc).split(": ", 1)[-1]
+            raise ConfigInvalid(exc.field, why, source) from None
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) < _TOKEN_EPS
+
+
+def _conv_len(length: int, stride: int) -> int:
+    """Output length of a kernel-3, padding-1 convolution."""
+    return (length - 1) // stride + 1 if length > 0 else 0
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's positional embedding: sin of the first half of the channels, cos of the
+    second, geometric timescales from 1 to `max_timescale`."""
+    half = channels // 2
+    increment = math.log(max_timescale) / (half - 1)
+    inv_timescales = torch.exp(-increment * torch.arange(half, dtype=torch.float32))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class _LayerNorm(nn.LayerNorm):
+    # In float32 whatever the weights' dtype, as upstream: half-precision variance of
+    # 1280 channels loses too much.
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            self.bias.float(), self.eps).to(x.dtype)
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width, bias=False)  # Whisper's key has no bias
+        self.value = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        b, t, d = x.shape
+
+        def split(y: Tensor) -> Tensor:
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        # Default scale 1/sqrt(head_dim) equals upstream's head_dim**-0.25 on both q and k.
+        y = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)),
+                                           split(self.value(x)), attn_mask=keep)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attn = _Attention(width, heads)
+        self.attn_ln = _LayerNorm(width)
+        # Sequential so the keys are mlp.0 / mlp.2, as in the interchange layout.
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp_ln = _LayerNorm(width)
+
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), keep)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+def _length_mask(lengths: Tensor, size: int) -> Tensor:
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class _AudioEncoder(nn.Module):
+    def __init__(self, config: S3Config) -> None:
+        super().__init__()
+        c = config
+        self.stride = c.stride
+        self.conv1 = nn.Conv1d(c.n_mels, c.width, kernel_size=3, stride=c.stride, padding=1)
+        self.conv2 = nn.Conv1d(c.width, c.width, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", _sinusoids(c.n_ctx, c.width))
+        self.blocks = nn.ModuleList(_Block(c.width, c.heads) for _ in range(c.layers))
+
+    def forward(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """`mel` (B, n_mels, T) with valid lengths (B,) -> hidden (B, T', width), lengths."""
+        padded = bool((lengths < mel.shape[2]).any())
+        x = mel
+        for conv, stride in ((self.conv1, self.stride), (self.conv2, 2)):
+            if padded:  # zero the padding so the kernel sees what an unpadded input would
+                x = x * _length_mask(lengths, x.shape[2])[:, None, :].to(x.dtype)
+            x = F.gelu(conv(x))
+            lengths = (lengths - 1) // stride + 1
+        x = x.transpose(1, 2)
+        if x.shape[1] > self.positional_embedding.shape[0]:
+            raise ValueError(f"{x.shape[1]} positions exceed the encoder's "
+                             f"{self.positional_embedding.shape[0]}; cut the input into windows")
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        keep = _length_mask(lengths, x.shape[1])[:, None, None, :] if padded else None
+        for block in self.blocks:
+            x = block(x, keep)
+        return x, lengths
+
+
+class _EuclideanCodebook(nn.Module):
+    def __init__(self, width: int, codebook_size: int) -> None:
+        super().__init__()
+        self.register_buffer("embed", torch.zeros(codebook_size, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Nearest row by Euclidean distance, in float32 so ties break as upstream's."""
+        flat = x.reshape(-1, x.shape[-1]).float()
+        embed = self.embed.float()
+        dist = flat.square().sum(1, keepdim=True) - 2 * flat @ embed.t() + embed.square().sum(1)[None, :]
+        return dist.argmin(dim=-1).view(x.shape[:-1])
+
+
+class _VectorQuantizer(nn.Module):
+    def __init__(self, width: int, codebook_size: int) -> None:
+        super().__init__()
+        self._codebook = _EuclideanCodebook(width, codebook_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._codebook(F.normalize(x.float(), p=2.0, dim=-1))
+
+
+class S3Model(nn.Module):
+    """The S3 network: `encoder` and `quantizer`, named as the interchange state dict.
+    Applications use `S3Tokenizer`; this is public for loading foreign state dicts."""
+
+    def __init__(self, config: S3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = _AudioEncoder(config)
+        self.quantizer = _VectorQuantizer(config.width, config.codebook_size)
+
+    def forward(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-mel (B, n_mels, T) and lengths (B,) -> int64 codes (B, T') and their lengths."""
+        hidden, out_lengths = self.encoder(mel, lengths)
+        return self.quantizer(hidden), out_lengths
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class S3Tokenizer(SpeechTokenizer):
+    """S3 tokenizer: whole-utterance `encode` and per-call `new_stream()`.
+
+    Build with `random`, `load`, `from_state_dict_file` or `from_onnx`; the constructor
+    takes an already built `S3Model`. Thread-safe for concurrent `encode` and streams
+    (inference only; the weights are never written after loading)."""
+
+    def __init__(self, model: S3Model, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.config: S3Config = model.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        # The codebook stays float32: a half-precision codebook would move argmin ties.
+        self.model.quantizer.float()
+        self.sample_rate = self.config.sample_rate
+        self.token_rate = self.config.token_rate
+        self.codebook_size = self.config.codebook_size
+        c = self.config
+        self.front_end = LogMel(c.sample_rate, c.n_fft, c.hop, c.n_mels, self.device)
+
+    # Building ----------------------------------------------------------------
+
+    @classmethod
+    def random(cls, config: S3Config | None = None, seed: int = 0, *,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> S3Tokenizer:
+        """Random weights (tests, tiny models); the same seed gives the same weights."""
+        config = config or S3Config()
+        generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = S3Model(config)
+        # Unit rows, as the encoder output is normalised before the search: random rows of
+        # unequal length would let the shortest few win every frame.
+        embed = torch.randn(config.codebook_size, config.width, generator=generator)
+        model.quantizer._codebook.embed.copy_(F.normalize(embed, dim=-1))
+        return cls(model, device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor], config: S3Config, *, source: object = "<state dict>",
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> S3Tokenizer:
+        """From an interchange-layout state dict; `source` names it in errors."""
+        model = S3Model(config)
+        _check_state(model, state, source)
+        model.load_state_dict(dict(state), strict=True)
+        return cls(model, device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict_file(cls, path: str | os.PathLike, config: S3Config, *,
+                             device: torch.device | str = "cpu",
+                             dtype: torch.dtype = torch.float32) -> S3Tokenizer:
+        """From a `.pt`/`.pth`/`.bin` (torch.load, weights only) or `.safetensors` state dict,
+        e.g. what upstream's `onnx2torch` writes."""
+        path = Path(path)
+        state = _read_state_file(path)
+        return cls.from_state_dict(state, config, source=path, device=device, dtype=dtype)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, config: S3Config | None = None, *,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> S3Tokenizer:
+        """From an upstream `speech_tokenizer_v1.onnx`-style file: its initializers are mapped
+        to the module names. Sizes (mels, width, layers, codebook, stride, heads where the
+        graph shows them) come from the file; a given `config` must agree with them and
+        supplies the rest (streaming fields; heads when the graph hides them)."""
+        path = Path(path)
+        state, inferred = _read_onnx(path)
+        config = _merge_inferred(path, inferred, config)
+        return cls.from_state_dict(state, config, source=path, device=device, dtype=dtype)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> S3Tokenizer:
+        """From a folder written by `save`."""
+        folder = Path(folder)
+        config_path = folder / CONFIG_FILE
+        config = _read_config(config_path)
+        return cls.from_state_dict_file(folder / WEIGHTS_FILE, config, device=device, dtype=dtype)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write `s3_tokenizer.safetensors` (float32) and `s3_tokenizer.json` into `folder`;
+        each file is written to a temporary name first, so a crash leaves no half file."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
+        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": _FORMAT}))
+        text = json.dumps({"format": _FORMAT, "config": self.config.to_dict()}, indent=2)
+        _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text + "\n"))
+        return folder
+
+    # Encoding ----------------------------------------------------------------
+
+    def new_stream(self) -> S3TokenizerStream:
+        return S3TokenizerStream(self)
+
+    def encode(self, pcm16k: np.ndarray) -> np.ndarray:
+        """Whole-utterance codes (int64, `tokens_for_samples(len)` of them)."""
+        pcm = _as_pcm(pcm16k)
+        with torch.inference_mode():
+            mel = self.front_end(torch.from_numpy(pcm))
+            max_frames = round(self.config.max_seconds * self.sample_rate / self.config.hop)
+            if mel.shape[1] <= max_frames:
+                return self._codes_for_mel(mel)
+            return self._codes_for_long_mel(mel, max_frames)
+
+    def log_mel(self, pcm16k: np.ndarray) -> Tensor:
+        """The front end's features `(n_mels, frames)` for these samples."""
+        with torch.inference_mode():
+            return self.front_end(torch.from_numpy(_as_pcm(pcm16k)))
+
+    def _codes_for_pcm(self, pcm: np.ndarray) -> np.ndarray:
+        """Codes of one window (at most `max_seconds`). Call under inference_mode."""
+        return self._codes_for_mel(self.front_end(torch.from_numpy(pcm)))
+
+    def _codes_for_mel(self, mel: Tensor) -> np.ndarray:
+        if mel.shape[1] == 0:
+            return np.zeros(0, dtype=np.int64)
+        x = mel[None].to(self.device, self.dtype)
+        lengths = torch.tensor([mel.shape[1]], device=self.device)
+        codes, _ = self.model(x, lengths)
+        return codes[0].cpu().numpy().astype(np.int64, copy=False)
+
+    def _codes_for_long_mel(self, mel: Tensor, max_frames: int) -> np.ndarray:
+        """Upstream's long-audio rule: windows of `max_frames` every `max_frames - overlap`,
+        each keeping all but half the overlap at its inner edges. The log-mel floor stays
+        the whole utterance's, as upstream computes the mel once before cutting."""
+        overlap = _LONG_OVERLAP_SECONDS * self.sample_rate // self.config.hop
+        trim = (_LONG_OVERLAP_SECONDS // 2) * self.token_rate
+        starts = range(0, mel.shape[1], max_frames - overlap)
+        pieces = []
+        for i, start in enumerate(starts):
+            codes = self._codes_for_mel(mel[:, start:start + max_frames])
+            left = 0 if i == 0 else trim
+            right = len(codes) if i == len(starts) - 1 else len(codes) - trim
+            pieces.append(codes[left:right])
+        return np.concatenate(pieces)
+
+
+def _as_pcm(pcm: np.ndarray) -> np.ndarray:
+    pcm = np.asarray(pcm)
+    if pcm.ndim != 1 or not np.issubdtype(pcm.dtype, np.floating):
+        raise ValueError(f"expected 1-D float samples in [-1, 1] at 16 kHz, got {pcm.dtype} {pcm.shape}")
+    return np.ascontiguousarray(pcm, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class S3TokenizerStream(TokenizerStream):
+    """One call's streaming tokenizer over a preallocated buffer of one window of samples.
+
+    Step `i` runs once the audio reaches `(i+1)*S*H + lookahead` samples; it encodes the
+    window starting `lookback` before code `i*S` and returns codes `[i*S, (i+1)*S)`. Then
+    the buffer slides by `S*H` samples. Memory is one window (`window_seconds` of float32)
+    however long the call. Not thread-safe: one call, one thread at a time."""
+
+    def __init__(self, tokenizer: S3Tokenizer) -> None:
+        c = tokenizer.config
+        self._tok = tokenizer
+        self._per_token = c.samples_per_token
+        self._step = c.step_tokens
+        self._lookback = c.lookback_samples
+        self._lookahead = c.lookahead_samples
+        self._buf = np.zeros(self._lookback + self._step * self._per_token + self._lookahead, np.float32)
+        self.reset()
+
+    @property
+    def capacity(self) -> int:
+        """Samples the buffer can hold (fixed)."""
+        return len(self._buf)
+
+    @property
+    def buffered(self) -> int:
+        """Samples held now (<= capacity)."""
+        return self._n
+
+    @property
+    def emitted(self) -> int:
+        """Codes returned since the last reset."""
+        return self._emitted
+
+    def reset(self) -> None:
+        self._start = 0  # absolute sample index of self._buf[0]
+        self._n = 0  # samples held
+        self._emitted = 0  # == step index * step tokens, until flush
+
+    def push(self, pcm16k: np.ndarray) -> np.ndarray:
+        pcm = _as_pcm(pcm16k)
+        out: list[np.ndarray] = []
+        used = 0
+        with torch.inference_mode():
+            while used < len(pcm):
+                take = min(len(pcm) - used, len(self._buf) - self._n)
+                self._buf[self._n:self._n + take] = pcm[used:used + take]
+                self._n += take
+                used += take
+                while self._n >= self._step_end() - self._start:
+                    out.append(self._run_step())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def flush(self) -> np.ndarray:
+        """End of the utterance: return the codes of the audio not yet coded (as many as
+        whole-utterance encoding gives for the total length), then reset."""
+        total = self._tok.config.tokens_for_samples(self._start + self._n)
+        codes = np.zeros(0, dtype=np.int64)
+        if total > self._emitted:
+            with torch.inference_mode():
+                window = self._tok._codes_for_pcm(self._buf[:self._n])
+            first = (self._emitted * self._per_token - self._start) // self._per_token
+            codes = window[first:first + total - self._emitted]
+        self.reset()
+        return codes
+
+    def _step_end(self) -> int:
+        """Absolute sample the current step needs before it can run."""
+        return (self._emitted + self._step) * self._per_token + self._lookahead
+
+    def _run_step(self) -> np.ndarray:
+        window = self._tok._codes_for_pcm(self._buf[:self._step_end() - self._start])
+        first = (self._emitted * self._per_token - self._start) // self._per_token
+        codes = window[first:first + self._step]
+        self._emitted += self._step
+        new_start = max(0, self._emitted * self._per_token - self._lookback)
+        shift = new_start - self._start
+        if shift:
+            # numpy copes with the overlap; this is one window's memmove per step.
+            self._buf[:self._n - shift] = self._buf[shift:self._n]
+            self._n -= shift
+            self._start = new_start
+        return codes
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+
+
+def _read_config(path: Path) -> S3Config:
+    _require_file(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"not a readable JSON tokenizer config ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != _FORMAT or "config" not in data:
+        raise CheckpointError(path, f"expected a JSON object with format {_FORMAT!r} and a config")
+    return S3Config.from_dict(data["config"], source=str(path))
+
+
+def _read_state_file(path: Path) -> dict[str, Tensor]:
+    _require_file(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader fails differently on a truncated file
+        raise CheckpointError(path, f"cannot read the state dict ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}} wrappers
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(path, "expected a flat mapping of parameter names to tensors")
+    return state
+
+
+def _check_state(model: S3Model, state: Mapping[str, Tensor], source: object) -> None:
+    """Name every missing, unexpected or mis-shaped key before torch's terser message."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} is {tuple(state[k].shape)}, expected {expected[k]}"
+             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_few(wrong)}")
+    if problems:
+        c = model.config
+        raise CheckpointError(source, "; ".join(problems) + f" (for n_mels={c.n_mels} width={c.width} "
+                              f"layers={c.layers} codebook_size={c.codebook_size})")
+
+
+def _few(items: list[str], limit: int = 4) -> str:
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+# Initializer names upstream's converter knows for the two convolutions
+# (v1 50 Hz, v1 25 Hz, and our own exports).
+_CONV_NAMES = {
+    "onnx::Conv_1519": "encoder.conv1.weight", "onnx::Conv_1520": "encoder.conv1.bias",
+    "onnx::Conv_1521": "encoder.conv2.weight", "onnx::Conv_1522": "encoder.conv2.bias",
+    "encoders.conv1.weight": "encoder.conv1.weight", "encoders.conv1.bias": "encoder.conv1.bias",
+    "encoders.conv2.weight": "encoder.conv2.weight", "encoders.conv2.bias": "encoder.conv2.bias",
+}
+# Block parameters are named by the node consuming them: "/blocks.3/attn/query/MatMul".
+_BLOCK_NODE = re.compile(
+    r"blocks\.(\d+)/(attn_ln|mlp_ln|attn/query|attn/key|attn/value|attn/out|mlp/mlp\.0|mlp/mlp\.2)"
+    r"/(MatMul|Add|Mul|Add_1|LayerNormalization)$")
+# Which op's initializer is which parameter: linear layers are MatMul + Add, decomposed
+# LayerNorms Mul (scale) + Add_1 (shift; their Add adds epsilon).
+_BLOCK_ROLE = {("linear", "MatMul"): "weight", ("linear", "Add"): "bias",
+               ("ln", "Mul"): "weight", ("ln", "Add_1"): "bias"}
+_CODEBOOK_NODE = re.compile(r"quantizer/.*_codebook/Pow_1$")
+
+
+def _read_onnx(path: Path) -> tuple[dict[str, Tensor], dict[str, int]]:
+    _require_file(path)
+    try:
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    except Exception as exc:  # protobuf DecodeError, missing external data, bad raw_data, ...
+        raise CheckpointError(path, f"cannot read the ONNX model ({type(exc).__name__}: {exc})") from exc
+    state = _map_onnx(graph, arrays)
+    inferred = _infer_sizes(path, graph, arrays, state)
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}, inferred
+
+
+def _map_onnx(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Torch-named arrays, in torch orientation (MatMul weights are stored (in, out))."""
+    state: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if name in _CONV_NAMES:
+            state[_CONV_NAMES[name]] = value
+        elif name.endswith("positional_embedding"):
+            state["encoder.positional_embedding"] = value
+    conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
+    for index, node in enumerate(conv_nodes[:2]):
+        if len(node.input) >= 3 and node.input[1] in arrays and node.input[1] not in _CONV_NAMES:
+            which = "conv1" if "conv1" in node.name else "conv2" if "conv2" in node.name else f"conv{index + 1}"
+            state.setdefault(f"encoder.{which}.weight", arrays[node.input[1]])
+            state.setdefault(f"encoder.{which}.bias", arrays[node.input[2]])
+    for node in graph.node:
+        for key, value in _node_params(node, arrays):
+            state[key] = value
+    return state
+
+
+def _node_params(node, arrays: dict[str, np.ndarray]):
+    """(torch key, array) pairs for the initializers this node consumes."""
+    if _CODEBOOK_NODE.search(node.name):
+        for name in node.input:
+            if name in arrays and arrays[name].ndim == 2:
+                yield "quantizer._codebook.embed", arrays[name]
+        return
+    match = _BLOCK_NODE.search(node.name)
+    if not match:
+        return
+    block, module, op = match.groups()
+    prefix = f"encoder.blocks.{block}.{module.replace('/', '.').replace('mlp.mlp', 'mlp')}"
+    if op == "LayerNormalization":  # opset >= 17 exports keep LayerNorm whole
+        for key, name in zip(("weight", "bias"), node.input[1:3]):
+            if name in arrays:
+                yield f"{prefix}.{key}", arrays[name]
+        return
+    role = _BLOCK_ROLE.get(("ln" if module.endswith("_ln") else "linear", op))
+    if role is None:
+        return
+    for name in node.input:
+        if name in arrays and arrays[name].ndim >= 1 and arrays[name].size > 1:
+            value = arrays[name]
+            yield f"{prefix}.{role}", value.T if value.ndim == 2 else value
+
+
+def _infer_sizes(path: Path, graph, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, int]:
+    conv1 = state.get("encoder.conv1.weight")
+    if conv1 is None or conv1.ndim != 3:
+        raise CheckpointError(path, "no conv1 weight (n_state x n_mels x 3) found: not an S3 tokenizer v1 file")
+    width, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
+    inferred = {"width": width, "n_mels": n_mels}
+    blocks = {int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks.")}
+    inferred["layers"] = max(blocks) + 1 if blocks else 0
+    embed = state.get("quantizer._codebook.embed")
+    if embed is not None:
+        if embed.shape[0] == width:  # stored (width, codes), as upstream's converter assumes
+            embed = state["quantizer._codebook.embed"] = embed.T
+        inferred["codebook_size"] = int(embed.shape[0])
+    pos = state.get("encoder.positional_embedding")
+    if pos is not None and pos.ndim == 2:
+        inferred["n_ctx"] = int(pos.shape[0])
+    stride = _conv1_stride(graph, arrays, state)
+    if stride is not None:
+        inferred["stride"] = stride
+    heads = _attention_heads(graph, arrays, width)
+    if heads is not None:
+        inferred["heads"] = heads
+    return inferred
+
+
+def _conv1_stride(graph, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> int | None:
+    weight = state.get("encoder.conv1.weight")
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and arrays.get(node.input[1]) is weight:
+            for attr in node.attribute:
+                if attr.name == "strides" and attr.ints:
+                    return int(attr.ints[0])
+            return 1  # ONNX's default stride
+    return None
+
+
+def _attention_heads(graph, arrays: dict[str, np.ndarray], width: int) -> int | None:
+    """Heads from the (batch, time, heads, head_dim) Reshape in block 0's attention, when
+    its target shape is a constant."""
+    from onnx import numpy_helper
+
+    constants = dict(arrays)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+    for node in graph.node:
+        if node.op_type == "Reshape" and re.search(r"blocks\.0/attn/", node.name) and len(node.input) > 1:
+            shape = constants.get(node.input[1])
+            if shape is not None and shape.ndim == 1 and shape.size == 4:
+                heads, head_dim = int(shape[2]), int(shape[3])
+                if heads > 0 and width % heads == 0 and head_dim in (-1, width // heads):
+                    return heads
+    return None
+
+
+def _merge_inferred(path: Path, inferred: dict[str, int], config: S3Config | None) -> S3Config:
+    """The file's sizes win over defaults; a given config must agree with them."""
+    base = config or S3Config()
+    sizes: dict[str, Any] = {k: inferred[k] for k in ("width", "n_mels", "layers", "codebook_size", "heads")
+                             if k in inferred}
+    if "heads" not in sizes and config is None and inferred["width"] % 64 == 0:
+        sizes["heads"] = inferred["width"] // 64  # Whisper-family heads are 64 wide (1280/20)
+    if "stride" in inferred:
+        if inferred["stride"] not in (1, 2):
+            raise CheckpointError(path, f"conv1 stride {inferred['stride']}, expected 1 (50 Hz) or 2 (25 Hz)")
+        sizes["token_rate"] = base.sample_rate // (base.hop * 2 * inferred["stride"])
+    if "n_ctx" in inferred:
+        sizes["max_seconds"] = inferred["n_ctx"] * 2 * base.hop / base.sample_rate
+    if config is not None:
+        mismatched = [f"{k}: file has {v}, config says {getattr(config, k)}"
+                      for k, v in sizes.items() if getattr(config, k) != v]
+        if mismatched:
+            raise CheckpointError(path, "does not match the given config: " + "; ".join(mismatched))
+        return config
+    try:
+        return replace(base, **sizes)
+    except ConfigInvalid as exc:
+        raise CheckpointError(path, f"sizes read from the file make no valid config ({exc}); "
+                              "pass the config") from exc
