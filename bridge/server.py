@@ -1,9 +1,11 @@
 """The serve process: builds the parts from Settings, runs them, and unwinds them in
 reverse on SIGINT/SIGTERM.
 
-The HTTP server answers `/healthz` and `/readyz` today; the SIP leg, the agent, the
-store and the WebRTC page are added by their own modules as they land, each started
-here and stopped in reverse order.
+    store + agent -> CallManager -> HTTP (control plane, softphone) -> SIP leg, WebRTC leg
+
+SIGTERM (or POST /admin/drain) drains: new calls are refused (SIP 503 with Retry-After),
+live calls may finish within --drain-timeout, then the process exits. A second signal
+stops at once.
 """
 
 from __future__ import annotations
@@ -11,9 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, ProcessCollector, PlatformCollector
 
+from agent.calls import CallManager
+from agent.errors import AgentError
+from model.errors import ModelError
+from agent.control import add_control_routes
+from agent.metrics import AgentMetrics
+from agent.store import create_store
+
+from . import sip_leg, webrtc_leg
+from .compose import build_agent
+from .errors import BridgeError
 from .settings import Settings
 
 __all__ = ["run_server", "serve"]
@@ -21,58 +35,81 @@ __all__ = ["run_server", "serve"]
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings, stopping: asyncio.Event) -> web.Application:
-    app = web.Application()
+async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegistry | None = None) -> None:
+    """Run until `stop` is set, then drain and unwind. Raises OSError naming the address
+    when a port is taken."""
+    if registry is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    metrics = AgentMetrics(registry)
+    agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics)
+    manager = CallManager(agent, create_store(settings.redis), metrics)
+    await manager.start()
+    drained = asyncio.Event()
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def drain() -> None:
+        await manager.drain(settings.drain_timeout)
+        drained.set()
+        stop.set()
 
-    async def readyz(_: web.Request) -> web.Response:
-        ready = not stopping.is_set()
-        body = {"ready": ready, "draining": stopping.is_set(), "agent": settings.agent,
-                "store": settings.store_name}
-        return web.json_response(body, status=200 if ready else 503)
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
-
-
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run until `stop` is set. Raises OSError (with the address) when a port is taken."""
-    app = build_app(settings, stop)
+    app = web.Application(client_max_size=64 * 1024)
+    add_control_routes(app, manager, registry, settings.admin_token, drain)
+    legs = []
     runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     try:
+        webrtc = await webrtc_leg.start(settings, manager, app, registry)
+        if webrtc is not None:
+            legs.append(webrtc)
+        await runner.setup()
         site = web.TCPSite(runner, settings.http_listen.host, settings.http_listen.port)
         try:
             await site.start()
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen for HTTP on {settings.http_listen}: "
-                          f"{exc.strerror}") from exc
-        log.info("HTTP listening on http://%s (/healthz, /readyz)", settings.http_listen)
-        log.warning("SIP leg not built yet: %s is not answered (agent %s, store %s)",
-                    settings.sip_listen, settings.agent, settings.store_name)
-        print(f"duplexline: serving HTTP on http://{settings.http_listen}; press Ctrl-C to stop",
-              flush=True)
+            raise OSError(exc.errno, f"cannot listen for HTTP on {settings.http_listen}: {exc.strerror}") from exc
+        sip = await sip_leg.start(settings, manager, registry)
+        if sip is not None:
+            legs.append(sip)
+        log.info("HTTP on http://%s (/metrics /healthz /readyz /calls); agent %s; store %s",
+                 settings.http_listen, settings.agent, settings.store_name)
+        print(f"duplexline: serving on http://{settings.http_listen} and sip:{settings.sip_listen}; "
+              f"agent {settings.agent}; press Ctrl-C to stop", flush=True)
         await stop.wait()
-        log.info("stopping")
+        if not drained.is_set():
+            log.info("stopping: draining calls (up to %.0f s)", settings.drain_timeout)
+            for leg in legs:
+                leg.drain()
+            await manager.drain(settings.drain_timeout)
     finally:
+        for leg in reversed(legs):
+            await leg.close()
         await runner.cleanup()
+        await manager.close()
 
 
 def run_server(settings: Settings) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        signals = {"count": 0}
+
+        def on_signal() -> None:
+            signals["count"] += 1
+            if signals["count"] > 1:
+                raise SystemExit(130)  # a second Ctrl-C: stop now
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await serve(settings, stop)
 
     try:
         asyncio.run(main())
+    except (ModelError, AgentError, BridgeError) as exc:  # bad model files, store unreachable: named by the error
+        print(f"duplexline: cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        log.error("%s", exc)
+        print(f"duplexline: cannot start: {exc}", file=sys.stderr)
         return 1
     print("duplexline: stopped", flush=True)
     return 0

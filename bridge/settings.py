@@ -9,65 +9,20 @@ ignored. Secrets are redacted in `repr`.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .errors import ConfigError
+from .options import ENV_PREFIX, HostPort, Option, choice, existing_path, positive_int, redis_url, seconds
+from .sip_config import SIP_OPTIONS, SipSettings
+from .webrtc_config import WEBRTC_OPTIONS, WebRtcSettings
 
-__all__ = ["HostPort", "Settings", "OPTIONS", "add_serve_arguments", "settings_from"]
+__all__ = ["Settings", "OPTIONS", "add_serve_arguments", "settings_from"]
 
-ENV_PREFIX = "DUPLEXLINE_"
 AGENTS = ("omniflatten", "echo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> "HostPort":
-        host, sep, port = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:5060")
-        host = host.strip("[]")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if host != "localhost":
-                raise ValueError(f"{host!r} is not an IP address (or localhost)") from None
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"port {port!r} is not in 1..65535")
-        return cls(host, int(port))
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return value
-
-    return parse
-
-
-def _redis_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("expected a URL such as redis://127.0.0.1:6379/0")
-    return text
-
-
-def _existing_path(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise ValueError(f"{path} does not exist")
-    return path
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -82,12 +37,23 @@ class Settings:
     redis: str | None = None
     admin_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    slots: int = 16
+    device: str = "auto"
+    drain_timeout: float = 60.0
+    sip: SipSettings = field(default_factory=SipSettings)
+    webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
             raise ConfigError("agent", self.agent, f"must be one of {', '.join(AGENTS)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+        if not 1 <= self.slots <= 4096:
+            raise ConfigError("slots", self.slots, "must be 1..4096")
+        if self.device not in DEVICES:
+            raise ConfigError("device", self.device, f"must be one of {', '.join(DEVICES)}")
+        if not self.drain_timeout >= 0:
+            raise ConfigError("drain_timeout", self.drain_timeout, "must be >= 0 seconds")
         if self.sip_listen == self.http_listen:
             raise ConfigError("http_listen", str(self.http_listen), "same address as --sip-listen")
 
@@ -101,36 +67,27 @@ class Settings:
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
-@dataclass(frozen=True)
-class Option:
-    name: str  # Settings field
-    parse: Callable[[str], Any]
-    help: str
-    metavar: str
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-
-OPTIONS: tuple[Option, ...] = (
+CORE_OPTIONS: tuple[Option, ...] = (
     Option("sip_listen", HostPort.parse, "SIP address, UDP and TCP (default 127.0.0.1:5060)", "HOST:PORT"),
     Option("http_listen", HostPort.parse,
            "HTTP address for /metrics, /healthz, /readyz, /calls and the softphone page "
            "(default 127.0.0.1:8080)", "HOST:PORT"),
-    Option("agent", _choice(AGENTS), "who answers calls: omniflatten (default) or echo", "NAME"),
-    Option("model", _existing_path,
+    Option("agent", choice(AGENTS), "who answers calls: omniflatten (default) or echo", "NAME"),
+    Option("model", existing_path,
            "OmniFlatten model folder (default: a tiny random model built at start-up, untrained)",
            "PATH"),
-    Option("redis", _redis_url, "session store in Redis, e.g. redis://127.0.0.1:6379/0 "
+    Option("redis", redis_url, "session store in Redis, e.g. redis://127.0.0.1:6379/0 "
            "(default: in memory)", "URL"),
     Option("admin_token", str, "bearer token required by admin routes (default: none)", "TOKEN"),
-    Option("log_level", _choice(LOG_LEVELS), "DEBUG, INFO (default), WARNING or ERROR", "LEVEL"),
+    Option("log_level", choice(LOG_LEVELS), "DEBUG, INFO (default), WARNING or ERROR", "LEVEL"),
+    Option("slots", positive_int, "engine session slots: calls the model serves at once (default 16)", "N"),
+    Option("device", choice(DEVICES), "where the model runs: auto (default: cuda when available), cpu, cuda",
+           "DEVICE"),
+    Option("drain_timeout", seconds, "on SIGTERM or POST /admin/drain, how long live calls may go on "
+           "before they are hung up (default 60)", "SECONDS"),
 )
+OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS
+SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +107,7 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str]) -
         raise ConfigError(unknown[0], environ[unknown[0]],
                           f"unknown variable; known: {', '.join(sorted(known))}")
     values: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for opt in OPTIONS:
         raw = getattr(args, opt.name, None) if args is not None else None
         source = opt.flag
@@ -158,7 +116,13 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str]) -
         if raw is None:
             continue
         try:
-            values[opt.name] = opt.parse(raw)
+            parsed = opt.parse(raw)
         except ValueError as exc:
             raise ConfigError(source, raw, str(exc)) from None
+        (sections[opt.section] if opt.section else values)[opt.field or opt.name] = parsed
+    for name, cls in SECTIONS.items():
+        try:
+            values[name] = cls(**sections[name])
+        except ValueError as exc:  # a cross-field check of the section failed
+            raise ConfigError(name, sections[name], str(exc)) from None
     return Settings(**values)

@@ -1,0 +1,255 @@
+"""The agents a call can talk to, behind one small interface (`--agent`):
+
+- `echo`: plays the caller's audio straight back, for line tests and latency measurement;
+- `omniflatten`: the full-duplex model. Caller frames are cut into chunks of the model's
+  chunk period, tokenized (S3), stepped on the shared engine, and the assistant's speech
+  codes decoded and played. Tokenizer and decoder run on a worker thread pool, the model
+  step on the engine's thread: the event loop only moves buffers.
+
+Barge-in: the model has no interruption token; it stops talking. When a chunk starts with
+silent speech right after a chunk that ended in speech, the assistant was cut off, so what
+the caller has not heard yet is flushed at once. A chunk that ends its speech with
+silence is a natural end of turn and is played out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+
+from model.codec import SpeechDecoder, SpeechTokenizer
+from model.engine import Engine, EngineSession
+from model.errors import EngineFull, StaleSession as EngineStale
+
+from .call import FRAME_RATE, AudioSink, CallInfo, CallRefused
+from .metrics import AgentMetrics
+
+__all__ = ["Agent", "AgentSession", "EchoAgent", "OmniFlattenAgent", "Emit"]
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, dict], None]  # (event kind, data): to the transport and the store
+
+
+class AgentSession(ABC):
+    """One call's conversation partner. Methods run on the event loop and never block."""
+
+    @abstractmethod
+    def feed(self, frame: np.ndarray) -> None:
+        """One 20 ms frame of caller audio: int16 [320] at 16 kHz."""
+
+    def set_hold(self, on: bool) -> None:
+        """On hold: no frames are stepped and nothing is played until resumed."""
+
+    def dtmf(self, digit: str) -> None:
+        """A keypad digit from the caller."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release what the session holds (its engine slot). Idempotent."""
+
+
+class Agent(ABC):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def drain(self) -> None:
+        """Refuse new sessions from now on."""
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def describe(self) -> dict:
+        return {"agent": self.name}
+
+    @abstractmethod
+    def open(self, info: CallInfo, sink: AudioSink, emit: Emit) -> AgentSession:
+        """Admit a call or raise CallRefused at once, before it is answered."""
+
+
+class _EchoSession(AgentSession):
+    def __init__(self, sink: AudioSink) -> None:
+        self._sink = sink
+        self._hold = False
+
+    def feed(self, frame: np.ndarray) -> None:
+        if not self._hold:
+            self._sink.play(frame.astype(np.float32) * (1.0 / 32768.0), FRAME_RATE)
+
+    def set_hold(self, on: bool) -> None:
+        self._hold = on
+        if on:
+            self._sink.flush()
+
+    async def close(self) -> None:
+        return None
+
+
+class EchoAgent(Agent):
+    name = "echo"
+
+    def open(self, info: CallInfo, sink: AudioSink, emit: Emit) -> AgentSession:
+        return _EchoSession(sink)
+
+
+class _OmniFlattenSession(AgentSession):
+    def __init__(self, agent: "OmniFlattenAgent", engine_session: EngineSession, sink: AudioSink,
+                 emit: Emit) -> None:
+        self._agent = agent
+        self._engine_session = engine_session
+        self._sink = sink
+        self._emit = emit
+        self._tok = agent.tokenizer.new_stream()
+        self._dec = agent.decoder.new_stream()
+        model = agent.engine.model
+        self._vocab = model.vocab
+        self._layout = model.layout
+        self._chunk_samples = int(round(model.config.chunk_seconds * FRAME_RATE))
+        self._buf = np.zeros(self._chunk_samples, dtype=np.float32)
+        self._fill = 0
+        self._codes: collections.deque[int] = collections.deque()
+        self._queue: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(maxsize=2)
+        self._hold = False
+        self._speaking = False
+        self._last_code_speech = False
+        self._closed = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="omniflatten-session")
+
+    def feed(self, frame: np.ndarray) -> None:
+        if self._hold or self._closed:
+            return
+        n = len(frame)
+        take = min(n, self._chunk_samples - self._fill)
+        self._buf[self._fill:self._fill + take] = frame[:take] * (1.0 / 32768.0)
+        self._fill += take
+        if self._fill < self._chunk_samples:
+            return
+        chunk, self._fill = self._buf.copy(), 0
+        if take < n:
+            rest = frame[take:]
+            self._buf[:len(rest)] = rest * (1.0 / 32768.0)
+            self._fill = len(rest)
+        if self._queue.full():  # the pipeline is behind: drop the oldest, keep the clock
+            self._queue.get_nowait()
+            self._agent.metrics.dropped_frames.labels(reason="backlog").inc(self._chunk_samples // 320)
+        self._queue.put_nowait((chunk, time.monotonic()))
+
+    def set_hold(self, on: bool) -> None:
+        self._hold = on
+        self._fill = 0
+        if on:
+            self._sink.flush()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pool = self._agent.pool
+        m = self._agent.metrics
+        user = self._layout.user
+        try:
+            while True:
+                chunk, t_end = await self._queue.get()
+                codes = await loop.run_in_executor(pool, self._tok.push, chunk)
+                self._codes.extend(int(c) for c in codes)
+                while len(self._codes) >= user:
+                    ids = [self._vocab.speech_id(self._codes.popleft()) for _ in range(user)]
+                    t0 = time.monotonic()
+                    result = await self._engine_session.step(ids)
+                    m.chunk_step.observe(time.monotonic() - t0)
+                    speech = np.asarray(result.speech_codes, dtype=np.int64)
+                    pcm = await loop.run_in_executor(pool, self._dec.push, speech)
+                    self._play(result, speech, pcm, t_end)
+        except (asyncio.CancelledError, EngineStale):
+            return
+        except Exception:
+            log.exception("omniflatten session failed; the call goes on in silence")
+            m.session_errors.labels(stage="pipeline").inc()
+            self._emit("error", {"stage": "pipeline"})
+
+    def _play(self, result, speech: np.ndarray, pcm: np.ndarray, t_end: float) -> None:
+        m = self._agent.metrics
+        if self._hold or self._closed:
+            return
+        starts_silent = len(speech) > 0 and speech[0] < 0
+        if self._last_code_speech and starts_silent:
+            t0 = time.monotonic()
+            dropped = self._sink.flush()
+            m.bargein_flush.observe(time.monotonic() - t0)
+            m.bargeins.inc()
+            self._emit("barge-in", {"flushed_ms": round(dropped, 1)})
+        self._sink.play(pcm, self._agent.decoder.sample_rate)
+        response = time.monotonic() - t_end
+        m.response.observe(response)
+        m.playout_depth.observe(self._sink.depth_ms / 1000.0)
+        speaking = bool((speech >= 0).any())
+        if speaking != self._speaking:
+            self._speaking = speaking
+            self._emit("turn", {"assistant": "speaking" if speaking else "listening"})
+        self._last_code_speech = len(speech) > 0 and speech[-1] >= 0
+        text = [t for t in result.text_ids if t != self._vocab.silent_text]
+        if text:
+            self._emit("text", {"ids": text, "text": self._agent.detokenize(text)})
+        self._emit("latency", {"response_ms": round(response * 1000, 1),
+                               "dropped": bool(result.dropped)})
+
+    def dtmf(self, digit: str) -> None:
+        pass  # the model takes no keypad input; the event is logged and stored by the session
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._task.cancel()
+        self._engine_session.close()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+class OmniFlattenAgent(Agent):
+    name = "omniflatten"
+
+    def __init__(self, engine: Engine, tokenizer: SpeechTokenizer, decoder: SpeechDecoder,
+                 metrics: AgentMetrics, *, detokenize: Callable[[list[int]], str] | None = None,
+                 threads: int = 2) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.metrics = metrics
+        self.detokenize = detokenize or (lambda ids: "".join(f"⟨{i}⟩" for i in ids))
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="duplexline-codec")
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def close(self) -> None:
+        self.engine.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def drain(self) -> None:
+        self.engine.drain()
+
+    def describe(self) -> dict:
+        stats = self.engine.stats()
+        return {"agent": self.name, "slots": stats.slots, "sessions": stats.open_sessions,
+                "device": str(self.engine.model.device)}
+
+    def open(self, info: CallInfo, sink: AudioSink, emit: Emit) -> AgentSession:
+        try:
+            engine_session = self.engine.open_session()
+        except EngineFull as exc:
+            if exc.reason == "draining":
+                raise CallRefused(503, "Service Unavailable (draining)", retry_after=30) from None
+            raise CallRefused(486, f"Busy Here ({exc.reason})") from None
+        return _OmniFlattenSession(self, engine_session, sink, emit)

@@ -1,0 +1,154 @@
+"""`CallManager`: admits calls, holds the live `CallSession`s, keeps their store records
+and leases current, and drains.
+
+Lifecycle: `start()` (store, agent, lease loop), `drain()` (refuse new calls with 503 and
+Retry-After; resolve when the last call ends or ask the rest to hang up after the
+timeout), `close()` (idempotent; ends what is left, stops the agent and the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Iterable
+
+from .agents import Agent
+from .call import AudioSink, CallInfo, CallRefused
+from .errors import DuplicateCall
+from .metrics import AgentMetrics
+from .session import CallSession
+from .store import CallRecord, CallState, SessionStore, keep_leases
+
+__all__ = ["CallManager"]
+
+log = logging.getLogger(__name__)
+
+
+class CallManager:
+    def __init__(self, agent: Agent, store: SessionStore, metrics: AgentMetrics, *,
+                 bridge_id: str | None = None, worker_id: str = "local") -> None:
+        self.agent = agent
+        self.store = store
+        self.metrics = metrics
+        self.bridge_id = bridge_id or f"bridge-{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id
+        self.draining = False
+        self._calls: dict[str, CallSession] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lease_task: asyncio.Task | None = None
+        self._closing: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.start()
+        try:
+            await self.agent.start()
+        except BaseException:
+            await self.store.close()
+            raise
+        self.metrics.watch_store(self.store)
+        self._lease_task = asyncio.get_running_loop().create_task(
+            keep_leases(self.store, lambda: list(self._calls), self._lease_lost,
+                        before_renew=self._flush_counts), name="call-leases")
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        """Refuse new calls; wait up to `timeout` for live calls to end, then hang up the
+        rest with reason "drain-timeout"."""
+        if not self.draining:
+            log.info("draining: refusing new calls, %d live", len(self._calls))
+        self.draining = True
+        self.agent.drain()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: hanging up %d calls", len(self._calls))
+            await asyncio.gather(*(c.request_hangup("drain-timeout") for c in list(self._calls.values())),
+                                 return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self.draining = True
+        await asyncio.gather(*(c.request_hangup("shutdown") for c in list(self._calls.values())),
+                             return_exceptions=True)
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+        await self.agent.close()
+        await self.store.close()
+
+    # ---- calls -------------------------------------------------------------------------------
+
+    async def admit(self, info: CallInfo, sink: AudioSink) -> CallSession:
+        """Open a session for a call that is not answered yet. CallRefused (with the SIP
+        status to answer) when draining or the agent is full; nothing is left behind."""
+        transport = str(info.transport)
+        if self.draining:
+            self.metrics.calls.labels(transport=transport, outcome="refused_draining").inc()
+            raise CallRefused(503, "Service Unavailable (draining)", retry_after=30)
+        if info.call_id in self._calls:
+            raise CallRefused(482, "Loop Detected (duplicate call id)")
+        session = CallSession(info, self.store, self.metrics, self._ended)
+        try:
+            session.attach(self.agent.open(info, sink, session.emit))
+        except CallRefused as exc:
+            self.metrics.calls.labels(transport=transport, outcome=f"refused_{exc.status}").inc()
+            log.info("call %s from %s refused: %s", info.call_id, info.remote, exc)
+            raise
+        try:
+            await self.store.put(CallRecord.new(info.call_id, info.transport, info.remote,
+                                                bridge=self.bridge_id, worker=self.worker_id))
+        except DuplicateCall:
+            await session._agent.close()  # type: ignore[union-attr]
+            raise CallRefused(482, "Loop Detected (call id already live)") from None
+        self._calls[info.call_id] = session
+        self._idle.clear()
+        self.metrics.active_calls.labels(transport=transport).inc()
+        log.info("call %s admitted: %s from %s to %r", info.call_id, transport, info.remote, info.local)
+        return session
+
+    def _ended(self, session: CallSession) -> None:
+        if self._calls.pop(session.info.call_id, None) is None:
+            return
+        transport = str(session.info.transport)
+        self.metrics.active_calls.labels(transport=transport).dec()
+        self.metrics.calls.labels(transport=transport, outcome="completed").inc()
+        if not self._calls:
+            self._idle.set()
+
+    def get(self, call_id: str) -> CallSession | None:
+        return self._calls.get(call_id)
+
+    def live(self) -> Iterable[CallSession]:
+        return list(self._calls.values())
+
+    async def hangup(self, call_id: str, reason: str = "operator") -> bool:
+        session = self._calls.get(call_id)
+        if session is None:
+            return False
+        await session.request_hangup(reason)
+        return True
+
+    async def readiness(self) -> dict:
+        store_ok = await self.store.ping()
+        ready = store_ok and self.agent.ready and not self.draining
+        return {"ready": ready, "draining": self.draining, "store": self.store.name,
+                "store_reachable": store_ok, "calls": len(self._calls), **self.agent.describe()}
+
+    async def _flush_counts(self) -> None:
+        for session in list(self._calls.values()):
+            if session.state is not CallState.ENDED:
+                await session.flush_counts()
+
+    async def _lease_lost(self, call_id: str) -> None:
+        session = self._calls.get(call_id)
+        if session is not None:
+            log.warning("call %s: lease lost in the store; hanging up", call_id)
+            await session.request_hangup("lease-lost")

@@ -1,0 +1,109 @@
+"""The HTTP control plane (aiohttp routes), mounted on the bridge's one HTTP server:
+
+    GET  /metrics              Prometheus text format
+    GET  /healthz              the process is up
+    GET  /readyz               engine loaded, store reachable, not draining (503 otherwise)
+    GET  /calls[?live=1]       calls from the store (every bridge's, with Redis)
+    GET  /calls/{id}           one call with its latest events
+    POST /calls/{id}/hangup    hang up a call this bridge holds          (admin)
+    POST /admin/drain          refuse new calls, let live ones finish, exit (admin)
+
+Admin routes want `Authorization: Bearer <token>` when a token is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .calls import CallManager
+from .errors import CorruptRecord, StoreUnavailable
+from .store import CallRecord
+
+__all__ = ["add_control_routes", "require_admin"]
+
+log = logging.getLogger(__name__)
+
+
+def _record_json(record: CallRecord) -> dict:
+    data = dataclasses.asdict(record)
+    data["transport"] = str(record.transport)
+    data["state"] = str(record.state)
+    return data
+
+
+def require_admin(request: web.Request, token: str | None) -> None:
+    """Raise 401 unless the request carries the configured bearer token."""
+    if not token:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise web.HTTPUnauthorized(text='{"error": "admin token required (Authorization: Bearer ...)"}',
+                                   content_type="application/json",
+                                   headers={"WWW-Authenticate": "Bearer"})
+
+
+def add_control_routes(app: web.Application, manager: CallManager, registry: CollectorRegistry,
+                       admin_token: str | None, start_drain: Callable[[], Awaitable[None]]) -> None:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        body = await manager.readiness()
+        return web.json_response(body, status=200 if body["ready"] else 503)
+
+    async def calls(request: web.Request) -> web.Response:
+        live_only = request.query.get("live", "") in ("1", "true", "yes")
+        try:
+            records = await manager.store.list_calls(live_only=live_only)
+        except StoreUnavailable as exc:
+            raise web.HTTPServiceUnavailable(text=f'{{"error": "store unavailable: {exc}"}}',
+                                             content_type="application/json") from None
+        return web.json_response({"calls": [_record_json(r) for r in records]})
+
+    async def call(request: web.Request) -> web.Response:
+        call_id = request.match_info["id"]
+        try:
+            record = await manager.store.get(call_id)
+            events = await manager.store.events(call_id, limit=100) if record else []
+        except StoreUnavailable as exc:
+            raise web.HTTPServiceUnavailable(text=f'{{"error": "store unavailable: {exc}"}}',
+                                             content_type="application/json") from None
+        except CorruptRecord as exc:
+            raise web.HTTPInternalServerError(text=f'{{"error": "{exc}"}}', content_type="application/json") from None
+        if record is None:
+            raise web.HTTPNotFound(text=f'{{"error": "no call {call_id!r}"}}', content_type="application/json")
+        body = _record_json(record)
+        body["events"] = [{"kind": e.kind, "data": e.data, "time": e.time} for e in events]
+        return web.json_response(body)
+
+    async def hangup(request: web.Request) -> web.Response:
+        require_admin(request, admin_token)
+        call_id = request.match_info["id"]
+        if not await manager.hangup(call_id, "operator"):
+            raise web.HTTPNotFound(text=f'{{"error": "no live call {call_id!r} on this bridge"}}',
+                                   content_type="application/json")
+        return web.json_response({"call_id": call_id, "ended": True})
+
+    async def drain(request: web.Request) -> web.Response:
+        require_admin(request, admin_token)
+        asyncio.get_running_loop().create_task(start_drain())
+        return web.json_response({"draining": True, "live_calls": len(list(manager.live()))}, status=202)
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/calls", calls)
+    app.router.add_get("/calls/{id}", call)
+    app.router.add_post("/calls/{id}/hangup", hangup)
+    app.router.add_post("/admin/drain", drain)

@@ -1,0 +1,63 @@
+"""Building the agent the settings ask for (the composition root's one model-facing part).
+
+`omniflatten` loads the model folder given by --model, or, with none, builds a tiny random
+model at start-up and says loudly that it is untrained. `echo` needs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from agent.agents import Agent, EchoAgent, OmniFlattenAgent
+from agent.metrics import AgentMetrics
+
+from .errors import ConfigError
+from .settings import Settings
+
+__all__ = ["build_agent"]
+
+log = logging.getLogger(__name__)
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", choice, "torch sees no CUDA device (check nvidia-smi and that "
+                          "torch is a CUDA build), use --device cpu")
+    return choice
+
+
+def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentMetrics) -> Agent:
+    """Raises CheckpointError/ConfigInvalid (model files), ConfigError (device, model folder)."""
+    if settings.agent == "echo":
+        return EchoAgent()
+    from model.checkpoint import build_model, load_model, serving_dtype, tiny_config
+    from model.decoder_standin import StandInToneDecoder
+    from model.engine import Engine
+    from model.s3_tokenizer import S3Config, S3Tokenizer
+
+    device = _device(settings.device)
+    if settings.model is not None:
+        loaded = load_model(settings.model, device=device)
+        model, tokenizer, decoder = loaded.model, loaded.tokenizer, loaded.decoder
+        if tokenizer is None:
+            raise ConfigError("model", str(settings.model), "the folder has no tokenizer/: the model "
+                              "cannot hear the caller")
+        log.info("model loaded from %s", settings.model)
+    else:
+        config = serving_dtype(tiny_config(), device)
+        model = build_model(config, seed=0, device=device)
+        tokenizer = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2,
+                                                codebook_size=config.speech_codebook_size,
+                                                token_rate=config.speech_token_rate), seed=0)
+        decoder = StandInToneDecoder(config.decoder_sample_rate, config.speech_token_rate,
+                                     config.speech_codebook_size)
+        log.warning("no --model given: using a TINY RANDOM, UNTRAINED OmniFlatten model; callers "
+                    "will hear stand-in tones, not speech (write one with `duplexline model init --tiny DIR`)")
+    engine = Engine(model, settings.slots, registry=registry)
+    return OmniFlattenAgent(engine, tokenizer, decoder, metrics)

@@ -1,0 +1,97 @@
+"""Declaring command-line options once: flag, `DUPLEXLINE_*` variable, parser, help.
+Shared by bridge/settings.py and each leg's own config module; parsers raise ValueError
+with a message the settings builder turns into a ConfigError naming the flag."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["ENV_PREFIX", "HostPort", "Option", "choice", "redis_url", "existing_path", "positive_int", "seconds"]
+
+ENV_PREFIX = "DUPLEXLINE_"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "HostPort":
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:5060")
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"{host!r} is not an IP address (or localhost)") from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"port {port!r} is not in 1..65535")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError("expected a whole number >= 1")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a finite number of seconds >= 0")
+    return value
+
+
+def redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a URL such as redis://127.0.0.1:6379/0")
+    return text
+
+
+def existing_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    return path
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # field of the section's settings dataclass
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str
+    section: str = ""  # "" = Settings itself; "sip", "webrtc": the leg's own dataclass
+    field: str = ""  # the dataclass field; default: name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+

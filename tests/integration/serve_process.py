@@ -1,0 +1,98 @@
+"""Running `duplexline serve` as a real process for tests: free ports, readiness polled
+with a bounded timeout, stopped by SIGTERM and killed by PID at teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["free_port", "ServeProcess", "http_json"]
+
+REPO = Path(__file__).resolve().parents[2]
+DUPLEXLINE = [sys.executable, "-m", "bridge.cli"]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(method: str, url: str, token: str | None = None, body: dict | None = None,
+              timeout: float = 10.0) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    try:
+        return status, json.loads(raw or b"{}")
+    except json.JSONDecodeError:
+        return status, {"raw": raw.decode(errors="replace")}
+
+
+class ServeProcess:
+    def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None) -> None:
+        self.http_port = free_port()
+        self.sip_port = free_port(socket.SOCK_DGRAM)
+        self.args = ["serve", "--http-listen", f"127.0.0.1:{self.http_port}",
+                     "--sip-listen", f"127.0.0.1:{self.sip_port}", *args]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 90.0) -> "ServeProcess":
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(DUPLEXLINE + self.args, cwd=REPO, env=self.env,
+                                     stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"duplexline serve exited with {self.proc.returncode}: {self.log()}")
+            try:
+                status, _ = http_json("GET", self.url + "/healthz", timeout=1)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)  # polling a real process's readiness, bounded by the deadline
+        self.kill()
+        raise TimeoutError(f"duplexline serve not up within {timeout} s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
