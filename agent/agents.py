@@ -2,9 +2,9 @@
 
 - `echo`: plays the caller's audio straight back, for line tests and latency measurement;
 - `omniflatten`: the full-duplex model. Caller frames are cut into chunks of the model's
-  chunk period, tokenized (S3), stepped on the shared engine, and the assistant's speech
-  codes decoded and played. Tokenizer and decoder run on a worker thread pool, the model
-  step on the engine's thread: the event loop only moves buffers.
+  chunk period, tokenized (S3, every call's chunk batched on the tokenizer's thread),
+  stepped on the shared engine (batched on its thread), and the assistant's speech codes
+  decoded on a small thread pool and played: the event loop only moves buffers.
 
 Barge-in: the model has no interruption token; it stops talking. When a chunk starts with
 silent speech right after a chunk that ended in speech, the assistant was cut off, so what
@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from model.codec import SpeechDecoder, SpeechTokenizer
+from model.codec_batcher import TokenizerBatcher
 from model.engine import Engine, EngineSession
 from model.errors import EngineFull, StaleSession as EngineStale
 
@@ -159,7 +160,7 @@ class _OmniFlattenSession(AgentSession):
         try:
             while True:
                 chunk, t_end = await self._queue.get()
-                codes = await loop.run_in_executor(pool, self._tok.push, chunk)
+                codes = await self._agent.tokenize.push(self._tok, chunk)
                 self._codes.extend(int(c) for c in codes)
                 while len(self._codes) >= user:
                     ids = [self._vocab.speech_id(self._codes.popleft()) for _ in range(user)]
@@ -229,12 +230,15 @@ class OmniFlattenAgent(Agent):
         self.metrics = metrics
         self.detokenize = detokenize or (lambda ids: "".join(f"⟨{i}⟩" for i in ids))
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="duplexline-codec")
+        self.tokenize = TokenizerBatcher(tokenizer)
 
     async def start(self) -> None:
         self.engine.start()
+        self.tokenize.start()
 
     async def close(self) -> None:
         self.engine.close()
+        self.tokenize.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:

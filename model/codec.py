@@ -38,6 +38,11 @@ class SpeechTokenizer(ABC):
     def encode(self, pcm16k: np.ndarray) -> np.ndarray:
         """Whole-utterance codes for float32 samples at 16 kHz."""
 
+    def push_many(self, streams: list[TokenizerStream], pcms: list[np.ndarray]) -> list[np.ndarray]:
+        """`push` on many streams (one per call). Implementations batch the work; this
+        default does them one by one."""
+        return [s.push(p) for s, p in zip(streams, pcms)]
+
 
 class DecoderStream(ABC):
     """One call's decoder state: continuity across chunks lives here."""

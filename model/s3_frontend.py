@@ -118,3 +118,16 @@ class LogMel:
         log = mel.clamp_min(LOG_FLOOR).log10()
         log = torch.maximum(log, log.max() - DYNAMIC_RANGE)
         return (log + 4.0) / 4.0
+
+    def batch(self, pcm: torch.Tensor) -> torch.Tensor:
+        """`(B, n)` windows of equal length -> `(B, n_mels, n // hop)`, each row exactly
+        what `__call__` gives for it alone (the floor is per row)."""
+        pcm = pcm.to(self.device, torch.float32)
+        frames = n_frames(pcm.shape[1], self.hop)
+        if frames == 0 or pcm.shape[1] <= self.n_fft // 2:
+            return torch.stack([self(row) for row in pcm]) if len(pcm) else pcm.new_zeros(0, self.n_mels, frames)
+        spec = torch.stft(pcm, self.n_fft, self.hop, window=self.window, center=True,
+                          pad_mode="reflect", return_complex=True)
+        log = (self.filters @ spec[..., :frames].abs().square()).clamp_min(LOG_FLOOR).log10()
+        peak = log.amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(log, peak - DYNAMIC_RANGE) + 4.0) / 4.0

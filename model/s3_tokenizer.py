@@ -459,6 +459,38 @@ class S3Tokenizer(SpeechTokenizer):
         """Codes of one window (at most `max_seconds`). Call under inference_mode."""
         return self._codes_for_mel(self.front_end(torch.from_numpy(pcm)))
 
+    def _codes_for_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        """Codes of several equal-length windows in one batched pass (each row exactly
+        what `_codes_for_pcm` gives for it alone). Call under inference_mode."""
+        mel = self.front_end.batch(torch.from_numpy(np.stack(windows)))
+        if mel.shape[2] == 0:
+            return [np.zeros(0, dtype=np.int64) for _ in windows]
+        lengths = torch.full((len(windows),), mel.shape[2], device=self.device)
+        codes, _ = self.model(mel.to(self.device, self.dtype), lengths)
+        return list(codes.cpu().numpy().astype(np.int64, copy=False))
+
+    def push_many(self, streams: list["S3TokenizerStream"], pcms: list[np.ndarray]) -> list[np.ndarray]:
+        """`stream.push(pcm)` for many calls' streams at once: every step that becomes
+        ready is encoded in one batch per window length. Same codes as pushing one by one."""
+        out: list[list[np.ndarray]] = [[] for _ in streams]
+        with torch.inference_mode():
+            for stream, pcm in zip(streams, pcms):
+                stream._append(_as_pcm(pcm))
+            while True:
+                ready: dict[int, list[int]] = {}
+                for i, stream in enumerate(streams):
+                    if stream._ready():
+                        ready.setdefault(stream._window_length(), []).append(i)
+                if not ready:
+                    break
+                for rows in ready.values():
+                    windows = self._codes_for_windows([streams[i]._window() for i in rows])
+                    for i, codes in zip(rows, windows):
+                        out[i].append(streams[i]._commit(codes))
+                for i, stream in enumerate(streams):
+                    stream._append_pending()
+        return [np.concatenate(o) if o else np.zeros(0, dtype=np.int64) for o in out]
+
     def _codes_for_mel(self, mel: Tensor) -> np.ndarray:
         if mel.shape[1] == 0:
             return np.zeros(0, dtype=np.int64)
@@ -530,20 +562,46 @@ class S3TokenizerStream(TokenizerStream):
         self._start = 0  # absolute sample index of self._buf[0]
         self._n = 0  # samples held
         self._emitted = 0  # == step index * step tokens, until flush
+        self._pending = np.zeros(0, np.float32)  # pushed audio that did not fit the buffer yet
 
     def push(self, pcm16k: np.ndarray) -> np.ndarray:
-        pcm = _as_pcm(pcm16k)
-        out: list[np.ndarray] = []
-        used = 0
-        with torch.inference_mode():
-            while used < len(pcm):
-                take = min(len(pcm) - used, len(self._buf) - self._n)
-                self._buf[self._n:self._n + take] = pcm[used:used + take]
-                self._n += take
-                used += take
-                while self._n >= self._step_end() - self._start:
-                    out.append(self._run_step())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        return self._tok.push_many([self], [pcm16k])[0]
+
+    # The step, in parts, so that S3Tokenizer.push_many can batch many streams' windows.
+
+    def _append(self, pcm: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
+        self._append_pending()
+
+    def _append_pending(self) -> None:
+        take = min(len(self._pending), len(self._buf) - self._n)
+        if take:
+            self._buf[self._n:self._n + take] = self._pending[:take]
+            self._n += take
+            self._pending = self._pending[take:]
+
+    def _ready(self) -> bool:
+        return self._n >= self._step_end() - self._start
+
+    def _window_length(self) -> int:
+        return self._step_end() - self._start
+
+    def _window(self) -> np.ndarray:
+        return self._buf[:self._window_length()]
+
+    def _commit(self, window: np.ndarray) -> np.ndarray:
+        """Take the step's codes out of its window's codes and slide the buffer."""
+        first = (self._emitted * self._per_token - self._start) // self._per_token
+        codes = window[first:first + self._step]
+        self._emitted += self._step
+        new_start = max(0, self._emitted * self._per_token - self._lookback)
+        shift = new_start - self._start
+        if shift:
+            # numpy copes with the overlap; this is one window's memmove per step.
+            self._buf[:self._n - shift] = self._buf[shift:self._n]
+            self._n -= shift
+            self._start = new_start
+        return codes
 
     def flush(self) -> np.ndarray:
         """End of the utterance: return the codes of the audio not yet coded (as many as
@@ -561,20 +619,6 @@ class S3TokenizerStream(TokenizerStream):
     def _step_end(self) -> int:
         """Absolute sample the current step needs before it can run."""
         return (self._emitted + self._step) * self._per_token + self._lookahead
-
-    def _run_step(self) -> np.ndarray:
-        window = self._tok._codes_for_pcm(self._buf[:self._step_end() - self._start])
-        first = (self._emitted * self._per_token - self._start) // self._per_token
-        codes = window[first:first + self._step]
-        self._emitted += self._step
-        new_start = max(0, self._emitted * self._per_token - self._lookback)
-        shift = new_start - self._start
-        if shift:
-            # numpy copes with the overlap; this is one window's memmove per step.
-            self._buf[:self._n - shift] = self._buf[shift:self._n]
-            self._n -= shift
-            self._start = new_start
-        return codes
 
 
 # --------------------------------------------------------------------------- files

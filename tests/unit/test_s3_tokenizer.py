@@ -519,3 +519,26 @@ def test_stream_reset_forgets_audio(tok):
 def test_push_rejects_integer_samples(tok):
     with pytest.raises(ValueError):
         tok.new_stream().push(np.zeros(320, np.int16))
+
+
+def test_push_many_equals_pushing_one_by_one():
+    """Batching many calls' streams gives each exactly the codes it gets alone."""
+    tok = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=64), seed=2)
+    rng = np.random.default_rng(5)
+    audio = [rng.standard_normal(16000 * 2).astype(np.float32) * 0.1 * (i + 1) for i in range(3)]
+    solo = []
+    for a in audio:
+        s = tok.new_stream()
+        solo.append(np.concatenate([s.push(a[i:i + 3200]) for i in range(0, len(a), 3200)]))
+    streams = [tok.new_stream() for _ in audio]
+    got = [[] for _ in audio]
+    for i in range(0, len(audio[0]), 3200):
+        # The third call pushes in a different rhythm: windows of other lengths in one round.
+        pcms = [a[i:i + 3200] if k < 2 else a[i:i + 3200][:1600] for k, a in enumerate(audio)]
+        for k, codes in enumerate(tok.push_many(streams, pcms)):
+            got[k].append(codes)
+        extra = tok.push_many([streams[2]], [audio[2][i + 1600:i + 3200]])[0]
+        got[2].append(extra)
+    for k in range(3):
+        assert np.array_equal(np.concatenate(got[k]), solo[k])
+    assert len(solo[0]) == 100

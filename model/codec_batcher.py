@@ -1,0 +1,99 @@
+"""`TokenizerBatcher`: every call's tokenizer pushes on one thread, batched.
+
+Each call pushes one chunk of audio per chunk period; tokenizing them one by one costs a
+forward pass per call (and on the CPU, one Python-heavy pass per call fighting the event
+loop for the GIL). Pushes that wait together are encoded in one batched pass
+(`SpeechTokenizer.push_many`), the way the engine batches the LLM step. The asyncio side
+awaits its codes without blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import numpy as np
+
+from .codec import SpeechTokenizer, TokenizerStream
+
+__all__ = ["TokenizerBatcher"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerBatcher:
+    def __init__(self, tokenizer: SpeechTokenizer, max_batch: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self._cv = threading.Condition()
+        self._queue: list[tuple[TokenizerStream, np.ndarray, asyncio.Future, asyncio.AbstractEventLoop]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    def start(self) -> "TokenizerBatcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="duplexline-tokenizer", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def push(self, stream: TokenizerStream, pcm: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the tokenizer batcher is closed")
+            self._queue.append((stream, pcm, fut, loop))
+            self._cv.notify()
+        return await fut
+
+    def _run(self) -> None:  # TOKENIZER THREAD
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    pending, self._queue = self._queue, []
+                    break
+                work, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            # A stream pushed twice in one batch would see its chunks out of order: keep the
+            # second for the next round.
+            seen: set[int] = set()
+            batch, later = [], []
+            for item in work:
+                (later if id(item[0]) in seen else batch).append(item)
+                seen.add(id(item[0]))
+            if later:
+                with self._cv:
+                    self._queue[:0] = later
+            try:
+                codes = self.tokenizer.push_many([b[0] for b in batch], [b[1] for b in batch])
+            except Exception as exc:
+                log.exception("tokenizer batch of %d failed", len(batch))
+                for _, _, fut, loop in batch:
+                    loop.call_soon_threadsafe(_fail, fut, exc)
+                continue
+            self.batches += 1
+            for (_, _, fut, loop), c in zip(batch, codes):
+                loop.call_soon_threadsafe(_resolve, fut, c)
+        for _, _, fut, loop in pending:
+            loop.call_soon_threadsafe(_fail, fut, RuntimeError("the tokenizer batcher stopped"))
+
+
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
