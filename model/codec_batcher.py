@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from .codec import SpeechTokenizer, TokenizerStream
+from .futures import fail, resolve
 
 __all__ = ["TokenizerBatcher"]
 
@@ -80,20 +81,11 @@ class TokenizerBatcher:
             except Exception as exc:
                 log.exception("tokenizer batch of %d failed", len(batch))
                 for _, _, fut, loop in batch:
-                    loop.call_soon_threadsafe(_fail, fut, exc)
+                    loop.call_soon_threadsafe(fail, fut, exc)
                 continue
             self.batches += 1
             for (_, _, fut, loop), c in zip(batch, codes):
-                loop.call_soon_threadsafe(_resolve, fut, c)
+                loop.call_soon_threadsafe(resolve, fut, c)
         for _, _, fut, loop in pending:
-            loop.call_soon_threadsafe(_fail, fut, RuntimeError("the tokenizer batcher stopped"))
+            loop.call_soon_threadsafe(fail, fut, RuntimeError("the tokenizer batcher stopped"))
 
-
-def _resolve(fut: asyncio.Future, value: object) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _fail(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)

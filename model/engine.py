@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from .config import SamplingConfig
 from .engine_metrics import EngineMetrics
 from .errors import EngineFull, StaleSession
+from .futures import fail, resolve
 from .omniflatten import BatchStepper, ChunkResult, OmniFlatten
 
 __all__ = ["Engine", "EngineSession", "EngineStats"]
@@ -200,7 +201,7 @@ class Engine:
             self.metrics.slots_used.set(len(self._sessions))
             self._cv.notify_all()
         for p in state.queue:
-            p.loop.call_soon_threadsafe(_fail, p.future, StaleSession(f"session {sid} was closed"))
+            p.loop.call_soon_threadsafe(fail, p.future, StaleSession(f"session {sid} was closed"))
         state.queue.clear()
 
     # ---- submission (event loop thread) ----------------------------------------------------
@@ -276,19 +277,19 @@ class Engine:
             except Exception as exc:  # a broken step must not kill the thread silently
                 log.exception("engine step failed for %d sessions", len(work))
                 for p in work.values():
-                    p.loop.call_soon_threadsafe(_fail, p.future, exc)
+                    p.loop.call_soon_threadsafe(fail, p.future, exc)
                 continue
             now = time.monotonic()
             missed = 0
             for sid, p in work.items():
                 if now - p.arrived > self.period:
                     missed += 1
-                p.loop.call_soon_threadsafe(_resolve, p.future, results[rows[sid]])
+                p.loop.call_soon_threadsafe(resolve, p.future, results[rows[sid]])
             self._record(report.stepped, report.seconds, missed)
         with self._cv:
             leftovers = [p for s in self._sessions.values() for p in s.queue]
         for p in leftovers:
-            p.loop.call_soon_threadsafe(_fail, p.future, StaleSession("the engine stopped"))
+            p.loop.call_soon_threadsafe(fail, p.future, StaleSession("the engine stopped"))
 
     def _record(self, batch: int, seconds: float, missed: int) -> None:
         m = self.metrics
@@ -306,12 +307,3 @@ class Engine:
             self._steps += 1
             self._missed += missed
 
-
-def _resolve(fut: asyncio.Future, value: object) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _fail(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
