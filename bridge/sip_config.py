@@ -1,15 +1,167 @@
-"""The SIP leg's settings and their command-line options (see bridge/settings.py)."""
+"""The SIP leg's settings and their command-line options (see bridge/settings.py).
+
+`SipSettings` is built once by the settings builder from `--sip-*` flags and their
+`DUPLEXLINE_SIP_*` variables; every field is validated in `__post_init__`, naming the field.
+The SIP listen address itself is the core setting `--sip-listen`. Files named here (routes,
+accounts) are read and checked when the leg starts, not here: this module never does I/O.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["SipSettings", "SIP_OPTIONS"]
+from .options import Option, existing_path
+
+__all__ = ["SipSettings", "SIP_OPTIONS", "CODECS", "parse_codecs", "parse_port_range", "parse_auth",
+           "parse_networks", "parse_rate", "parse_address"]
+
+# Codec names as the operator writes them, in the default preference order.
+CODECS = ("pcmu", "pcma", "g722", "opus")
+
+
+def parse_codecs(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError(f"expected a comma-separated list of {', '.join(CODECS)}")
+    for n in names:
+        if n not in CODECS:
+            raise ValueError(f"unknown codec {n!r}; known: {', '.join(CODECS)}")
+    if len(set(names)) != len(names):
+        raise ValueError("a codec is listed twice")
+    return names
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError("expected LOW-HIGH, e.g. 20000-29999")
+    return int(lo), int(hi)
+
+
+def parse_auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("expected USER:PASSWORD")
+    return user, password
+
+
+def parse_networks(text: str) -> tuple[str, ...]:
+    nets = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a network (CIDR such as 10.0.0.0/8)") from None
+    if not nets:
+        raise ValueError("expected a comma-separated list of CIDR networks")
+    return tuple(nets)
+
+
+def parse_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected INVITEs per second, e.g. 5") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("expected a finite rate > 0")
+    return value
+
+
+def parse_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected yes or no")
 
 
 @dataclass(frozen=True)
 class SipSettings:
-    """Filled in by the SIP leg."""
+    """The SIP leg's part of Settings. Defaults suit one bridge process on loopback."""
+
+    public_address: str | None = None  # advertised in Via/Contact/SDP; default: the listen address
+    rtp_ports: tuple[int, int] = (20000, 29999)
+    codecs: tuple[str, ...] = CODECS
+    routes: Path | None = None
+    accounts: Path | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    allow: tuple[str, ...] = ()  # empty: every source may call
+    invite_rate: float | None = None  # per-source INVITEs per second; None: unlimited
+    max_calls: int = 255  # baresip's own ceiling per process
+    shared_listen: bool = False  # SO_REUSEPORT: several processes behind one SIP address
+    ring_timeout: float = 30.0  # outbound: how long a dialled call may ring
+
+    def __post_init__(self) -> None:
+        lo, hi = self.rtp_ports
+        if not (1024 <= lo < hi <= 65535) or hi - lo < 1:
+            raise ValueError(f"rtp_ports: {lo}-{hi} must be a range within 1024-65535, low < high")
+        if not self.codecs or any(c not in CODECS for c in self.codecs):
+            raise ValueError(f"codecs: {self.codecs!r} must name some of {', '.join(CODECS)}")
+        if self.invite_rate is not None and not self.invite_rate > 0:
+            raise ValueError(f"invite_rate: {self.invite_rate!r} must be > 0")
+        if not 1 <= self.max_calls <= 255:
+            raise ValueError(f"max_calls: {self.max_calls} must be 1..255 (baresip's limit per process)")
+        if not self.ring_timeout > 0:
+            raise ValueError(f"ring_timeout: {self.ring_timeout!r} must be > 0 seconds")
+        if self.auth is not None and (not self.auth[0] or not self.auth[1]):
+            raise ValueError("auth: expected USER:PASSWORD")
+
+    def __repr__(self) -> str:
+        return (f"SipSettings(public_address={self.public_address!r}, rtp_ports={self.rtp_ports!r}, "
+                f"codecs={self.codecs!r}, routes={self.routes!r}, accounts={self.accounts!r}, "
+                f"auth={'<set>' if self.auth else None}, allow={self.allow!r}, "
+                f"invite_rate={self.invite_rate!r}, max_calls={self.max_calls!r}, "
+                f"shared_listen={self.shared_listen!r}, ring_timeout={self.ring_timeout!r})")
 
 
-SIP_OPTIONS: tuple = ()
+def _max_calls(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("expected a whole number 1..255")
+    return int(text)
+
+
+def _ring_timeout(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected seconds") from None
+
+
+SIP_OPTIONS: tuple[Option, ...] = (
+    Option("sip_public_address", parse_address, "address advertised to SIP peers (default: the "
+           "--sip-listen address)", "IP", section="sip", field="public_address"),
+    Option("rtp_ports", parse_port_range, "RTP port range (default 20000-29999; give each bridge "
+           "process on a machine its own range)", "LOW-HIGH", section="sip", field="rtp_ports"),
+    Option("sip_codecs", parse_codecs, "audio codecs in preference order (default "
+           "pcmu,pcma,g722,opus)", "LIST", section="sip", field="codecs"),
+    Option("sip_routes", existing_path, "JSON file: called user or number -> agent; an unmatched "
+           "call gets 404 (default: every call goes to --agent)", "FILE", section="sip", field="routes"),
+    Option("sip_accounts", existing_path, "JSON file: accounts to register (user, domain, password, "
+           "registrar, auth_user, interval) or trunks (register: false)", "FILE", section="sip",
+           field="accounts"),
+    Option("sip_auth", parse_auth, "require digest authentication on inbound INVITEs "
+           "(default: none)", "USER:PASSWORD", section="sip", field="auth"),
+    Option("sip_allow", parse_networks, "only these source networks may send INVITEs, "
+           "e.g. 10.0.0.0/8,127.0.0.1/32 (default: any)", "CIDRS", section="sip", field="allow"),
+    Option("sip_invite_rate", parse_rate, "per-source INVITE rate limit, INVITEs per second with a "
+           "burst of twice that (default: unlimited)", "RATE", section="sip", field="invite_rate"),
+    Option("sip_max_calls", _max_calls, "most SIP calls this process holds (default and most: 255)",
+           "N", section="sip", field="max_calls"),
+    Option("sip_shared_listen", _yes_no, "let several bridge processes on this machine share one SIP "
+           "address; new calls go to the least-loaded (default no)", "yes|no", section="sip", field="shared_listen"),
+    Option("sip_ring_timeout", _ring_timeout, "outbound calls: seconds to ring before giving up "
+           "(default 30)", "SECONDS", section="sip", field="ring_timeout"),
+)

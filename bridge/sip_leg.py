@@ -1,13 +1,340 @@
-"""The sip leg: placeholder until it lands. `start()` returns a leg object with
-`drain()` and `async close()`, or None when the leg is not available."""
+"""The SIP leg: phone calls in and out of the bridge.
+
+    callers --SIP--> SipFront (public address; refuses 403/401/503/404) --> Stack (baresip,
+    private loopback port) --> SipCall per call --> CallManager.admit -> CallSession
+                                   ^ MediaTicker: one 20 ms tick moves every call's audio
+
+`start(settings, manager, registry)` builds it (the server calls it) and returns a `SipLeg`
+with `drain()` (new INVITEs get 503 + Retry-After from now on), `async close()`
+(idempotent: hangs up what is left, unregisters, stops the stack), `dial()` for outbound
+calls, `describe()` for /readyz details and `add_routes(app, admin_token)` for the HTTP
+call-control routes (bridge/sip_http.py).
+
+Inbound order of events: the front accepts and forwards the INVITE -> the stack reports it
+-> the agent admits a session (or we answer 486) -> 200 OK -> established: the session
+is answered and media flows. A call is never answered before its session exists.
+
+Calls reaching the stack without the front's route header (with this process's key) are
+refused: nobody bypasses protection by dialling the private port. Calls arriving through a
+registered account (from its registrar) are routed by the account's user.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+import uuid
+from typing import TYPE_CHECKING
+
+from agent.call import CallInfo, CallRefused
+from agent.store import Transport
+
+from .errors import BridgeError, ConfigError
+from .sip_accounts import AccountEntry, Registration, load_accounts
+from .sip_adapter import INBOUND_USER, AccountSpec, DialFailed, DialNoAnswer, Stack, StackAccount, StackCall, StackError
+from .sip_call import LineSink, SipCall, SipCallState
+from .sip_front import CALLED_HEADER, ROUTE_HEADER, SipFront
+from .sip_guard import Allowlist, DigestAuth, RateLimiter
+from .sip_media import MediaTicker
+from .sip_metrics import SipMetrics
+from .sip_routes import RouteTable
+from .sip_siblings import Siblings
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+
+    from agent.calls import CallManager
+
+    from .settings import Settings
+
+__all__ = ["start", "SipLeg", "DialRefused"]
 
 log = logging.getLogger(__name__)
 
 
-async def start(settings, manager, *args):
-    log.warning("the sip leg is not built yet: sip calls are not answered")
-    return None
+class DialRefused(BridgeError):
+    """An outbound call was not placed (draining, no such account, agent full). Nothing
+    rang; `status` is the HTTP-ish status to report."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def start(settings: "Settings", manager: "CallManager", registry: "CollectorRegistry | None" = None,
+                *_: object) -> "SipLeg":
+    leg = SipLeg(settings, manager, registry)
+    await leg.start()
+    return leg
+
+
+class SipLeg:
+    def __init__(self, settings: "Settings", manager: "CallManager", registry: "CollectorRegistry | None") -> None:
+        self.settings = settings
+        self.sip = settings.sip
+        self.manager = manager
+        self.metrics = SipMetrics(registry)
+        self.draining = False
+        self.stack = Stack()
+        self.ticker = MediaTicker(self.metrics)
+        self.front: SipFront | None = None
+        self.routes = RouteTable.default(settings.agent)
+        self.registrations: dict[str, Registration] = {}
+        self._accounts: dict[str, StackAccount] = {}
+        self._inbound: StackAccount | None = None
+        self._calls: dict[str, SipCall] = {}
+        self._key = os.urandom(8).hex()  # proves a forwarded INVITE came through our front
+        self._closing: asyncio.Task | None = None
+        self._bg: set[asyncio.Task] = set()
+        self.siblings: Siblings | None = None
+        self._publisher: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Raises ConfigError (routes/accounts files), OSError naming the address when the
+        SIP port is taken, StackError when the stack cannot start. A failed start unwinds."""
+        listen = self.settings.sip_listen
+        if self.sip.routes is not None:
+            self.routes = RouteTable.load(self.sip.routes, self.settings.agent)
+        entries = load_accounts(self.sip.accounts, self.sip.codecs) if self.sip.accounts else []
+        stack_host = self.sip.public_address or listen.host
+        if stack_host in ("0.0.0.0", "::"):
+            raise ConfigError("sip_public_address", None, "required when --sip-listen is a wildcard "
+                              "address: the stack must advertise one address in SDP and Contact")
+        try:
+            port = _free_port(stack_host)
+            await self.stack.start(host=stack_host, port=port, rtp_ports=self.sip.rtp_ports,
+                                   max_calls=self.sip.max_calls,
+                                   log_level="info" if self.settings.log_level == "DEBUG" else "error")
+            self._inbound = await self.stack.add_account(AccountSpec(
+                INBOUND_USER, f"{stack_host}:{port}", reg_interval=0, codecs=self.sip.codecs, catch_all=True))
+            self._inbound.on_incoming(self._on_front_call)
+            for entry in entries:
+                account = await self.stack.add_account(entry.spec)
+                account.on_incoming(lambda call, e=entry: self._on_account_call(e, call))
+                self._accounts[entry.name] = account
+                reg = Registration(entry, account, self.metrics)
+                self.registrations[entry.name] = reg
+                reg.start()
+            if self.sip.shared_listen:
+                # Processes sharing this SIP address share calls too (least-loaded first).
+                self.siblings = Siblings(listen.host, listen.port, (stack_host, port))
+                self.siblings.start()
+                self._key = self.siblings.key
+                self._publisher = asyncio.get_running_loop().create_task(self._publish(), name="sip-siblings")
+            auth = DigestAuth(*self.sip.auth) if self.sip.auth else None
+            self.front = SipFront(listen.host, listen.port, upstream=(stack_host, port), routes=self.routes,
+                                  metrics=self.metrics, allow=Allowlist(self.sip.allow),
+                                  limiter=RateLimiter(self.sip.invite_rate), auth=auth,
+                                  draining=lambda: self.draining or self.manager.draining,
+                                  shared_listen=self.sip.shared_listen, route_key=self._key,
+                                  choose=self.siblings.pick if self.siblings is not None else None)
+            await self.front.start()
+            self.ticker.start()
+        except BaseException:
+            await self._close()
+            raise
+        log.info("SIP leg up: sip:%s (udp, tcp), codecs %s, %d routes, %d accounts", listen,
+                 ",".join(self.sip.codecs), len(self.routes.routes), len(entries))
+
+    def drain(self) -> None:
+        """From now on new INVITEs get 503 with Retry-After; live calls go on."""
+        if not self.draining:
+            log.info("SIP leg draining: %d live calls", len(self._calls))
+        self.draining = True
+
+    async def close(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self.draining = True
+        self.ticker.close()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+        if self.siblings is not None:
+            self.siblings.close()  # siblings stop sending us calls within a second
+        if self.front is not None:
+            await self.front.close()
+        calls = [c for c in self._calls.values() if c.state is not SipCallState.ENDED]
+        await asyncio.gather(*(c.hangup("shutdown") for c in calls), return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in self.registrations.values()), return_exceptions=True)
+        await self.stack.close()
+        for call in list(self._calls.values()):
+            call.finish("shutdown")  # no close report comes from a stopped stack
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=5.0)
+
+    # ---- views -------------------------------------------------------------------------------
+
+    def get(self, call_id: str) -> SipCall | None:
+        return self._calls.get(call_id)
+
+    def describe(self) -> dict:
+        """For /readyz details: registration state per account, live SIP calls."""
+        return {"sip": {"listen": str(self.settings.sip_listen), "calls": len(self._calls),
+                        "draining": self.draining,
+                        "processes": self.siblings.count if self.siblings is not None else 1,
+                        "registrations": [r.describe() for r in self.registrations.values()]}}
+
+    def add_routes(self, app: "web.Application", admin_token: str | None) -> None:
+        from .sip_http import add_sip_routes
+
+        add_sip_routes(app, self, admin_token)
+
+    # ---- inbound -----------------------------------------------------------------------------
+
+    def _on_front_call(self, stack_call: StackCall) -> None:
+        headers = stack_call.headers
+        route_name, _, key = headers.get(ROUTE_HEADER.lower(), "").partition(";k=")
+        route = self.routes.by_name(route_name) if key == self._key else None
+        if route is None:
+            log.warning("refusing a call from %s that did not come through the SIP front", stack_call.peer)
+            self._spawn(stack_call.reject())
+            return
+        called = headers.get(CALLED_HEADER.lower(), "")
+        self._admit_and_answer(stack_call, local=called, route=route.name)
+
+    def _on_account_call(self, entry: AccountEntry, stack_call: StackCall) -> None:
+        if self.draining or self.manager.draining:
+            self.metrics.invites.labels(outcome="486").inc()
+            self._spawn(stack_call.reject())
+            return
+        route = self.routes.lookup(entry.spec.user)
+        if route is None:
+            self.metrics.invites.labels(outcome="486").inc()
+            log.info("call to account %s: no route for %r; refused", entry.name, entry.spec.user)
+            self._spawn(stack_call.reject())
+            return
+        self._admit_and_answer(stack_call, local=entry.spec.user, route=route.name)
+
+    def _admit_and_answer(self, stack_call: StackCall, *, local: str, route: str) -> None:
+        call_id = stack_call.call_id or f"sip-{uuid.uuid4().hex[:12]}"
+        if call_id in self._calls:
+            self._spawn(stack_call.reject())
+            return
+        call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local, route=route)
+        self._track(call)
+        self._spawn(self._answer(call))
+
+    async def _answer(self, call: SipCall) -> None:
+        info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local)
+        try:
+            session = await self.manager.admit(info, call.sink)
+        except CallRefused as exc:
+            # The stack can only refuse with 486; 503-while-draining is the front's job.
+            log.info("call %s refused: %s", call.call_id, exc)
+            await call.stack.reject()
+            return
+        call.attach(session)
+        if call.state is SipCallState.ENDED:
+            return  # cancelled while admitting: attach() ended the session
+        try:
+            await call.stack.answer()
+        except StackError as exc:
+            log.warning("call %s: %s", call.call_id, exc)
+            await session.end("answer-failed")
+
+    # ---- outbound ----------------------------------------------------------------------------
+
+    async def dial(self, uri: str, account: str | None = None, timeout: float | None = None) -> SipCall:
+        """Place a call and attach an agent session once it is answered. Raises DialRefused
+        (nothing rang) or DialFailed and its subclasses DialBusy, DialDeclined, DialNoAnswer
+        (it rang and was not answered; the session is ended with that outcome)."""
+        if self.draining or self.manager.draining:
+            self.metrics.outbound.labels(outcome="refused").inc()
+            raise DialRefused("draining: no new calls", 503)
+        if account is not None:
+            acc = self._accounts.get(account)
+            if acc is None:
+                raise DialRefused(f"no account {account!r}; known: {', '.join(self._accounts) or 'none'}", 404)
+        else:
+            acc = next(iter(self._accounts.values()), self._inbound)
+        assert acc is not None
+        call_id = f"out-{uuid.uuid4().hex[:16]}"
+        sink = LineSink()
+        try:
+            session = await self.manager.admit(CallInfo(call_id, Transport.SIP, remote=uri, local=acc.spec.user), sink)
+        except CallRefused as exc:
+            self.metrics.outbound.labels(outcome="refused").inc()
+            raise DialRefused(f"not admitted: {exc}", 503 if exc.status >= 500 else 409) from None
+        try:
+            stack_call = await acc.dial(uri)
+        except DialFailed as exc:
+            self.metrics.outbound.labels(outcome=exc.outcome).inc()
+            log.info("outbound call %s to %s: %s", call_id, uri, exc.outcome)
+            await session.end(exc.outcome.replace("_", "-"))
+            raise
+        call = SipCall(stack_call, call_id=call_id, direction="out", metrics=self.metrics, local=acc.spec.user,
+                       sink=sink)
+        self._track(call)
+        call.attach(session)
+        ring = timeout or self.sip.ring_timeout
+        try:
+            try:
+                # Our own clock, so that the hang-up of an unanswered call is ours and ends
+                # the session as "no-answer" (the stack would report it as a rejection).
+                await asyncio.wait_for(stack_call.wait_established(ring + 60), ring)
+            except asyncio.TimeoutError:
+                await call.hangup("no-answer")
+                raise DialNoAnswer(f"not answered within {ring:g} s") from None
+        except DialFailed as exc:
+            self.metrics.outbound.labels(outcome=exc.outcome).inc()
+            log.info("outbound call %s to %s: %s", call_id, uri, exc.outcome)
+            call.finish(exc.outcome.replace("_", "-"))
+            raise
+        self.metrics.outbound.labels(outcome="answered").inc()
+        return call
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _track(self, call: SipCall) -> None:
+        self._calls[call.call_id] = call
+        self.ticker.add(call)
+
+        def done(_: asyncio.Future) -> None:
+            self.ticker.remove(call)
+            if self._calls.get(call.call_id) is call:
+                del self._calls[call.call_id]
+
+        call.closed.add_done_callback(done)
+
+    async def _publish(self) -> None:
+        """Once a second: our live calls to the siblings, theirs to our front. A draining
+        process says it is full, so new calls go elsewhere."""
+        assert self.siblings is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.siblings.publish(self.sip.max_calls if self.draining or self.manager.draining
+                                      else len(self._calls))
+                self.metrics.processes.set(self.siblings.count)
+            except OSError as exc:
+                log.warning("cannot publish SIP load to %s: %s", self.siblings.dir, exc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+
+def _free_port(host: str) -> int:
+    """A port free for both UDP and TCP on `host` (the stack listens on both)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(20):
+        with socket.socket(family, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = u.getsockname()[1]
+            with socket.socket(family, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((host, port))
+                except OSError:
+                    continue
+            return port
+    raise OSError(f"no free port on {host} for the SIP stack")

@@ -1,15 +1,143 @@
-"""The WebRTC leg's settings and their command-line options (see bridge/settings.py)."""
+"""The WebRTC leg's settings and their command-line options (see bridge/settings.py).
+
+`WebRtcSettings` is frozen and validated in `__post_init__` (ValueError naming the field);
+`WEBRTC_OPTIONS` declares each field's flag, `DUPLEXLINE_WEBRTC_*` variable and parser.
+The offer token is a secret: `repr` never shows it.
+
+    --webrtc-ice-servers     STUN/TURN servers for the peer connections; default none, so
+                             nothing is asked of the internet (loopback and LAN need none)
+    --webrtc-public-address  the address the media is announced on (1:1 NAT, e.g. a cloud
+                             VM's public IP); default: the host addresses as gathered
+    --webrtc-token           bearer token the offer endpoint wants (default: open)
+    --webrtc-max-calls       peer connections this process holds at once (default 100)
+    --webrtc-media           fast (default) or stock: aiortc's own media path, kept as the
+                             benchmark baseline and a fallback (docs/webrtc.md)
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import json
+from dataclasses import dataclass, field
 
-__all__ = ["WebRtcSettings", "WEBRTC_OPTIONS"]
+from .options import Option, choice, positive_int
+
+__all__ = ["IceServer", "WebRtcSettings", "WEBRTC_OPTIONS", "MEDIA_PATHS", "parse_ice_servers"]
+
+MEDIA_PATHS = ("fast", "stock")
+_ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+_MAX_CALLS_LIMIT = 10000
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One RTCIceServer: `urls` (stun:/turn: URLs) and, for TURN, its credentials."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("an ICE server needs at least one URL")
+        for url in self.urls:
+            if not url.startswith(_ICE_SCHEMES):
+                raise ValueError(f"ICE server URL {url!r} must start with stun:, stuns:, turn: or turns:")
+            if url.startswith(("turn:", "turns:")) and (self.username is None or self.credential is None):
+                raise ValueError(f"TURN server {url!r} needs a username and a credential")
+
+    def as_json(self) -> dict:
+        """The browser's RTCIceServer dictionary (credentials included: the page needs them)."""
+        out: dict = {"urls": list(self.urls)}
+        if self.username is not None:
+            out["username"] = self.username
+        if self.credential is not None:
+            out["credential"] = self.credential
+        return out
+
+
+def parse_ice_servers(text: str) -> tuple[IceServer, ...]:
+    """A JSON list of RTCIceServer dictionaries, or a comma-separated list of stun: URLs.
+
+    `[{"urls": ["turn:turn.example.org:3478"], "username": "u", "credential": "p"}]` or
+    `stun:stun.example.org:3478,stun:10.0.0.1:3478`. Empty text: no servers."""
+    text = text.strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc.msg} at character {exc.pos}") from None
+        servers = []
+        for item in raw:
+            if not isinstance(item, dict) or "urls" not in item:
+                raise ValueError('each ICE server must be an object with "urls"')
+            urls = item["urls"]
+            urls = (urls,) if isinstance(urls, str) else tuple(urls)
+            if not all(isinstance(u, str) for u in urls):
+                raise ValueError('"urls" must be a string or a list of strings')
+            servers.append(IceServer(urls, item.get("username"), item.get("credential")))
+        return tuple(servers)
+    return tuple(IceServer((url.strip(),)) for url in text.split(",") if url.strip())
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _token(text: str) -> str:
+    if len(text) < 16 or any(c.isspace() for c in text):
+        raise ValueError("a token must be at least 16 characters, without spaces")
+    return text
 
 
 @dataclass(frozen=True)
 class WebRtcSettings:
-    """Filled in by the WebRTC leg."""
+    ice_servers: tuple[IceServer, ...] = ()
+    public_address: str | None = None
+    token: str | None = field(default=None, repr=False)
+    max_calls: int = 100
+    media: str = "fast"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ice_servers, tuple) or not all(isinstance(s, IceServer) for s in self.ice_servers):
+            raise ValueError("ice_servers: must be a tuple of IceServer")
+        if self.public_address is not None:
+            try:
+                ipaddress.ip_address(self.public_address)
+            except ValueError:
+                raise ValueError(f"public_address: {self.public_address!r} is not an IP address") from None
+        if self.token is not None:
+            _token(self.token)  # the same rule for code that builds settings by hand
+        if not 1 <= self.max_calls <= _MAX_CALLS_LIMIT:
+            raise ValueError(f"max_calls: must be 1..{_MAX_CALLS_LIMIT}, got {self.max_calls}")
+        if self.media not in MEDIA_PATHS:
+            raise ValueError(f"media: must be one of {', '.join(MEDIA_PATHS)}, got {self.media!r}")
+
+    def __repr__(self) -> str:
+        return (f"WebRtcSettings(ice_servers={self.ice_servers!r}, public_address={self.public_address!r}, "
+                f"token={'<set>' if self.token else None}, max_calls={self.max_calls}, media={self.media!r})")
 
 
-WEBRTC_OPTIONS: tuple = ()
+WEBRTC_OPTIONS: tuple[Option, ...] = (
+    Option("webrtc_ice_servers", parse_ice_servers,
+           "STUN/TURN servers for WebRTC calls: a JSON list of RTCIceServer objects or a comma list of "
+           "stun: URLs (default: none; loopback and LAN calls need none)", "SERVERS",
+           section="webrtc", field="ice_servers"),
+    Option("webrtc_public_address", _ip_address,
+           "IP address to announce for WebRTC media instead of the host's own (1:1 NAT; default: none)",
+           "IP", section="webrtc", field="public_address"),
+    Option("webrtc_token", _token,
+           "bearer token POST /webrtc/offer requires; the page takes it from its URL as #token=... "
+           "(default: none, the offer endpoint is open)", "TOKEN", section="webrtc", field="token"),
+    Option("webrtc_max_calls", positive_int,
+           "WebRTC calls this process holds at once; more are refused with 503 (default 100)", "N",
+           section="webrtc", field="max_calls"),
+    Option("webrtc_media", choice(MEDIA_PATHS),
+           "WebRTC media path: fast (default) or stock (aiortc's own, slower; a fallback and the "
+           "benchmark baseline)", "PATH", section="webrtc", field="media"),
+)

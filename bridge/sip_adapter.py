@@ -1,0 +1,434 @@
+"""The SIP stack adapter: the ONLY module that imports baresip (baresip-python 0.5.2a3).
+
+It turns the binding's objects into our own small types at the boundary:
+
+    Stack          one baresip Runtime per process (libre is process-global), listening on a
+                   private loopback port behind the front door (bridge/sip_front.py)
+    StackAccount   one baresip UserAgent: the catch-all inbound identity, or an operator's
+                   account (registration, outbound dialling)
+    StackCall      one baresip Call, with events translated to `CallEvent` values and audio
+                   as PCM bytes at the negotiated codec's rate
+    errors         `StackError` root; `MediaInactive`, `MediaRestarted`; outbound outcomes
+                   `DialBusy`, `DialDeclined`, `DialNoAnswer`, `DialFailed`; `RegisterFailed`
+
+Facts about the binding this relies on (checked against its source and on this machine):
+- `Config(max_concurrent_calls=None)`: the binding's default is 2; baresip holds at most
+  255 calls per process in any case;
+- loopback needs `net_interface` pinned, and each process its own `sip_listen`/`rtp_ports`;
+- received PCM is readable whatever the player, transmit PCM comes from `aumem`; both run
+  at the negotiated codec's rate and channel count (Opus: 48 kHz stereo);
+- after a re-INVITE the audio streams are replaced: the next read/write raises
+  AudioRestarted once, then binds to the new streams;
+- a wrong codec spec only logs a warning, so codec names are mapped here, never passed raw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import baresip
+from baresip import Account, Config, Event, Runtime, StackEvent, UserAgent
+
+from .errors import BridgeError
+
+__all__ = ["Stack", "StackAccount", "StackCall", "CallEvent", "CallEventKind", "AudioFormat", "RtpStats",
+           "AccountSpec", "StackError", "MediaInactive", "MediaRestarted", "DialFailed", "DialBusy",
+           "DialDeclined", "DialNoAnswer", "RegisterFailed", "TransferRefused", "STACK_CODECS"]
+
+log = logging.getLogger(__name__)
+
+# Operator codec names -> the stack's codec specs (a bare name means 8 kHz to the stack).
+STACK_CODECS = {"pcmu": "pcmu", "pcma": "pcma", "g722": "g722/16000/1", "opus": "opus/48000/2"}
+INBOUND_USER = "duplexline"
+# Receive jitter buffer: every millisecond here is heard as delay before the agent can
+# answer. Measured on loopback: the stack's default (adaptive, from 100 ms) grew and lost
+# audio (echo 160 -> 220 ms with gaps); fixed 20-60 ms gave an 80 ms echo, no gaps.
+_JITTER = "audio_jitter_buffer_type fixed\naudio_jitter_buffer_ms 20-60\n"
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+class StackError(BridgeError):
+    """The SIP stack refused or failed an operation; the call (if any) is unchanged unless
+    the subclass says otherwise."""
+
+
+class MediaInactive(StackError):
+    """The call has no audio (not yet up, or gone): skip this tick."""
+
+
+class MediaRestarted(StackError):
+    """A re-INVITE replaced the call's audio streams: probe the format again."""
+
+
+class DialFailed(StackError):
+    """An outbound call ended without being answered. Nothing is left to clean up."""
+
+    outcome = "failed"
+
+    def __init__(self, message: str, status: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class DialBusy(DialFailed):
+    outcome = "busy"
+
+
+class DialDeclined(DialFailed):
+    outcome = "declined"
+
+
+class DialNoAnswer(DialFailed):
+    outcome = "no_answer"
+
+
+class RegisterFailed(StackError):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransferRefused(StackError):
+    """The far end did not complete the transfer; the call goes on."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _dial_error(exc: "baresip.CallFailed") -> DialFailed:
+    if isinstance(exc, baresip.CallBusy):
+        return DialBusy(str(exc), exc.status, exc.reason)
+    if isinstance(exc, baresip.CallDeclined):
+        return DialDeclined(str(exc), exc.status, exc.reason)
+    # The caller's own timeout, or 408 Request Timeout / 480 Temporarily Unavailable /
+    # 487 (our CANCEL): nobody picked up.
+    if isinstance(exc, baresip.CallTimeout) or exc.status in (408, 480, 487):
+        return DialNoAnswer(str(exc), exc.status, exc.reason)
+    return DialFailed(str(exc), exc.status, exc.reason)
+
+
+# ---- values ------------------------------------------------------------------------------------
+
+
+class CallEventKind(enum.Enum):
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+    REMOTE_HOLD = "remote-hold"
+    REMOTE_RESUME = "remote-resume"
+    DTMF = "dtmf"
+    AUDIO_WARNING = "audio-warning"
+    TRANSFER_REQUEST = "transfer-request"
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    kind: CallEventKind
+    text: str = ""  # close reason, digit, warning direction
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    rx_rate: int
+    rx_channels: int
+    tx_rate: int
+    tx_channels: int
+    tx_buffered: int  # bytes queued for transmission
+
+
+@dataclass(frozen=True)
+class RtpStats:
+    rx_packets: int = 0
+    rx_lost: int = 0
+    jbuf_late: int = 0
+    jbuf_lost: int = 0
+    rx_jitter_ms: float = 0.0
+    mos: float = 0.0
+
+
+@dataclass(frozen=True)
+class AccountSpec:
+    """One SIP identity. `reg_interval` 0: no REGISTER (a trunk, or the inbound identity)."""
+
+    user: str
+    domain: str
+    password: str = ""
+    registrar: str | None = None
+    auth_user: str | None = None
+    reg_interval: int = 600
+    transport: str = "udp"
+    codecs: tuple[str, ...] = ("pcmu", "pcma", "g722", "opus")
+    catch_all: bool = False
+
+    def __repr__(self) -> str:
+        return (f"AccountSpec(user={self.user!r}, domain={self.domain!r}, password={'***' if self.password else ''!r}, "
+                f"registrar={self.registrar!r}, reg_interval={self.reg_interval})")
+
+
+# ---- stack -------------------------------------------------------------------------------------
+
+
+class Stack:
+    """One baresip runtime. `start()` unwinds on failure; `close()` is idempotent."""
+
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+        self._closing: asyncio.Task | None = None
+
+    async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
+                    log_level: str = "warning") -> None:
+        extra = (f"sip_listen {host}:{port}\n"
+                 f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}\n"
+                 f"{_JITTER}")
+        config = Config(net_interface=host, max_concurrent_calls=max_calls,
+                        expose_headers=("X-Duplexline-Route", "X-Duplexline-Called", "X-Duplexline-Source"),
+                        native_log_level=log_level, extra_config_text=extra)
+        runtime = Runtime(native_log_level=log_level)
+        try:
+            await runtime.start(config)
+        except baresip.BaresipError as exc:
+            raise StackError(f"the SIP stack did not start on {host}:{port}: {exc}") from exc
+        self._runtime = runtime
+
+    async def close(self) -> None:
+        if self._runtime is None:
+            return
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            await self._runtime.close()
+        except baresip.BaresipError as exc:
+            log.error("SIP stack did not close cleanly: %s", exc)
+
+    async def add_account(self, spec: AccountSpec) -> "StackAccount":
+        assert self._runtime is not None, "start() first"
+        extra = ("catchall=yes",) if spec.catch_all else ()
+        try:
+            account = Account(spec.user, spec.domain, spec.password, registrar=spec.registrar,
+                              reg_interval=spec.reg_interval, transport=spec.transport,  # type: ignore[arg-type]
+                              audio_codecs=tuple(STACK_CODECS[c] for c in spec.codecs),
+                              auth_user=spec.auth_user, extra_params=extra)
+            ua = await UserAgent.create(self._runtime, account, transfer_policy="reject")
+        except (ValueError, TypeError) as exc:
+            raise StackError(f"account {spec.user}@{spec.domain}: {exc}") from None
+        except baresip.BaresipError as exc:
+            raise StackError(f"account {spec.user}@{spec.domain}: {exc}") from exc
+        return StackAccount(self._runtime, ua, spec)
+
+
+class StackAccount:
+    def __init__(self, runtime: Runtime, ua: UserAgent, spec: AccountSpec) -> None:
+        self._runtime = runtime
+        self._ua = ua
+        self.spec = spec
+
+    def on_incoming(self, callback: Callable[["StackCall"], None]) -> None:
+        self._ua.on_incoming(lambda call: callback(StackCall(call)))
+
+    def on_registration(self, callback: Callable[[bool, str], None]) -> None:
+        """callback(registered, detail) on every REGISTER outcome the stack reports,
+        including its own refreshes."""
+
+        def listener(event: StackEvent) -> None:
+            if event.event is Event.REGISTER_OK:
+                callback(True, event.text or "")
+            elif event.event is Event.REGISTER_FAIL:
+                callback(False, event.text or "")
+
+        self._ua.on(listener)
+
+    async def register(self, timeout: float = 10.0) -> None:
+        try:
+            await self._ua.register(timeout=timeout)
+        except baresip.RegistrationError as exc:
+            raise RegisterFailed(str(exc), exc.status) from None
+        except baresip.BaresipError as exc:
+            raise RegisterFailed(str(exc)) from None
+
+    async def unregister(self, timeout: float = 5.0) -> None:
+        try:
+            await self._ua.unregister(timeout=timeout)
+        except baresip.BaresipError as exc:
+            log.info("unregister %s: %s", self.spec.user, exc)
+
+    async def dial(self, uri: str) -> "StackCall":
+        """Raises DialFailed (or a subclass) when the call could not be placed, or when the
+        far end refused it before the binding handed us the call object."""
+        # The binding builds its Call object only after the dial command completes; a far
+        # end that refuses at once (loopback) closes the call in between, and that CLOSED
+        # event would reach nobody. So closes are watched from before the dial.
+        early: dict[int, str] = {}
+
+        def watch(event: StackEvent) -> None:
+            if event.event is Event.CALL_CLOSED:
+                early[event.call] = event.text or ""
+
+        self._runtime.subscribe(watch)
+        try:
+            call = await self._ua.dial(uri)
+        except ValueError as exc:
+            raise DialFailed(f"cannot dial {uri!r}: {exc}") from None
+        except baresip.BaresipError as exc:
+            raise DialFailed(f"cannot dial {uri!r}: {exc}") from exc
+        finally:
+            self._runtime.unsubscribe(watch)
+        if call.handle in early:
+            failed = baresip.CallFailed.from_close_reason(early[call.handle])
+            raise _dial_error(failed)
+        return StackCall(call)
+
+
+class StackCall:
+    """One call. Events arrive on the event loop through `on_event`."""
+
+    def __init__(self, call: "baresip.Call") -> None:
+        self._call = call
+        self._audio = call.audio
+        self._listeners: list[Callable[[CallEvent], None]] = []
+        self.stats: RtpStats | None = None
+        call.on(self._on_stack_event)
+        call.on_dtmf(lambda d: self._emit(CallEvent(CallEventKind.DTMF, d.digit)))
+        call.on_audio_warning(lambda w: self._emit(CallEvent(CallEventKind.AUDIO_WARNING, w.direction)))
+
+    @property
+    def call_id(self) -> str:
+        return self._call.call_id or ""
+
+    @property
+    def peer(self) -> str:
+        return self._call.peer or ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self._call.headers.items()}
+
+    @property
+    def established(self) -> bool:
+        return self._call.state is baresip.CallState.ESTABLISHED
+
+    @property
+    def closed(self) -> bool:
+        return self._call.state is baresip.CallState.CLOSED
+
+    def on_event(self, listener: Callable[[CallEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: CallEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("SIP call listener failed on %s", event.kind.value)
+
+    def _on_stack_event(self, event: StackEvent) -> None:
+        kind = event.event
+        if kind is Event.CALL_ESTABLISHED:
+            self._emit(CallEvent(CallEventKind.ESTABLISHED))
+        elif kind is Event.CALL_CLOSED:
+            final = self._call.final_stats
+            if final is not None:
+                self.stats = RtpStats(final.rx_packets, final.rx_lost, final.jbuf_late, final.jbuf_lost,
+                                      final.rx_jitter_ms, final.mos_estimate)
+            self._emit(CallEvent(CallEventKind.CLOSED, event.text or ""))
+        elif kind is Event.CALL_HOLD:
+            self._emit(CallEvent(CallEventKind.REMOTE_HOLD))
+        elif kind is Event.CALL_RESUME:
+            self._emit(CallEvent(CallEventKind.REMOTE_RESUME))
+
+    # ---- call control -----------------------------------------------------------------------
+
+    async def answer(self) -> None:
+        try:
+            await self._call.answer()
+        except baresip.BaresipError as exc:
+            raise StackError(f"answer failed: {exc}") from exc
+
+    async def reject(self) -> None:
+        """486 Busy Here (the only refusal the stack can send; the front sends the rest)."""
+        try:
+            await self._call.reject()
+        except baresip.StaleHandleError:
+            pass
+
+    async def hangup(self) -> None:
+        try:
+            await self._call.hangup()
+        except baresip.StaleHandleError:
+            pass  # gone already: the far end hung up first
+        except baresip.BaresipError as exc:
+            raise StackError(f"hangup failed: {exc}") from exc
+
+    async def wait_established(self, timeout: float) -> None:
+        try:
+            await self._call.wait_established(timeout)
+        except baresip.CallFailed as exc:
+            raise _dial_error(exc) from None
+
+    async def set_hold(self, on: bool) -> None:
+        try:
+            await (self._call.hold() if on else self._call.resume())
+        except baresip.BaresipError as exc:
+            raise StackError(f"{'hold' if on else 'resume'} failed: {exc}") from exc
+
+    async def transfer(self, uri: str, timeout: float = 30.0) -> None:
+        try:
+            await self._call.transfer(uri, timeout=timeout)
+        except ValueError as exc:
+            raise TransferRefused(f"bad transfer target {uri!r}: {exc}") from None
+        except baresip.TransferFailed as exc:
+            raise TransferRefused(str(exc), exc.status) from None
+        except baresip.BaresipError as exc:
+            raise TransferRefused(str(exc)) from None
+
+    async def send_dtmf(self, digits: str) -> None:
+        try:
+            await self._call.send_dtmf(digits)
+        except ValueError as exc:
+            raise StackError(str(exc)) from None
+        except baresip.BaresipError as exc:
+            raise StackError(f"DTMF failed: {exc}") from exc
+
+    # ---- audio (the media ticker; event loop thread) ------------------------------------------
+
+    def audio_format(self) -> AudioFormat:
+        try:
+            info = self._audio.info()
+        except baresip.AudioNotActive:
+            raise MediaInactive("no audio yet") from None
+        if not (info.tx_ready and info.rx_ready) or not info.rx_sample_rate:
+            raise MediaInactive("audio not ready")
+        return AudioFormat(info.rx_sample_rate, info.rx_channels, info.tx_sample_rate, info.tx_channels,
+                           info.tx_buffered)
+
+    def read(self, max_bytes: int) -> bytes:
+        try:
+            return self._audio.read(max_bytes)
+        except baresip.AudioRestarted:
+            raise MediaRestarted("audio renegotiated") from None
+        except baresip.AudioNotActive:
+            raise MediaInactive("no audio") from None
+
+    def write(self, pcm) -> int:
+        """PCM16 (an int16 array or bytes) at the transmit rate; returns the bytes taken."""
+        try:
+            return self._audio.write(memoryview(pcm).cast("B"))
+        except baresip.AudioRestarted:
+            raise MediaRestarted("audio renegotiated") from None
+        except baresip.AudioNotActive:
+            raise MediaInactive("no audio") from None
+
+    def flush_tx(self) -> None:
+        try:
+            self._audio.flush_tx()
+        except baresip.BaresipError:
+            pass

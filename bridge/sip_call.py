@@ -1,0 +1,341 @@
+"""`SipCall`: one SIP call between the stack (bridge/sip_adapter.py) and the agent's
+`CallSession`, in either direction.
+
+States move on stack events only:
+
+    RINGING --established--> ACTIVE <--remote hold/resume, operator hold--> HELD
+       |                        |                                             |
+       +--------closed----------+------------------closed---------------------+--> ENDED
+
+Media: the shared ticker (bridge/sip_media.py) calls `media_tick(now)` every 10 ms. It reads
+what the stack received (PCM at the codec's rate; Opus is 48 kHz stereo, folded to mono),
+turns it into 16 kHz frames (`LineAudio.receive`) and hands them to the session on the
+call's own 20 ms grid, one frame behind the first arrival (see `_feed`: the stack's
+receive clock is out of phase with ours and jumps at a re-INVITE; a missing frame is
+concealed with silence so the model's clock never stops). It writes the agent's playout at
+the line rate, self-clocked: frame n is written once `now >= t0 + n·20 ms`, two frames
+ahead, so the stack's transmit clock never starves and a stalled tick never turns into a
+burst of queued delay. A re-INVITE may change the codec: the format is probed again and
+the line audio rebuilt at the new rate. On hold nothing is fed or played.
+
+The session's sink is `LineSink`, which forwards to the `LineAudio` of the current
+format (a call is admitted before its codec's rate is known to us).
+
+Hot path (`media_tick`): no logging, no awaiting; problems are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+
+import numpy as np
+
+from agent.call import FRAME_SAMPLES
+from agent.session import CallSession
+
+from .line_audio import LineAudio
+from .sip_adapter import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, StackCall,
+                          StackError)
+from .sip_metrics import SipMetrics
+
+__all__ = ["SipCall", "SipCallState", "LineSink"]
+
+log = logging.getLogger(__name__)
+
+FRAME_SECONDS = 0.02
+_AHEAD = 2  # frames queued in the stack beyond the one on the wire
+_MAX_BEHIND = 5  # after a stall longer than this many frames, skip ahead instead of bursting
+_READ_FRAMES = 4  # most frames taken from the stack per tick
+_IN_CUSHION = 0.02  # caller frames reach the session this long after they arrive
+_IN_MAX = 3  # most caller frames queued before the session
+_TRIM_WINDOW = 25  # frames (0.5 s): a queue that never ran dry this long loses a frame
+_SILENCE = np.zeros(FRAME_SAMPLES, np.int16)
+_RESYNC_TICKS = 100  # check the stack's transmit queue once a second
+
+
+class SipCallState(enum.Enum):
+    RINGING = "ringing"
+    ACTIVE = "active"
+    HELD = "held"
+    ENDED = "ended"
+
+
+class LineSink:
+    """The agent's AudioSink for a call whose line rate is learnt when media starts."""
+
+    def __init__(self) -> None:
+        self.line: LineAudio | None = None
+
+    def play(self, pcm: np.ndarray, rate: int) -> None:
+        if self.line is not None:
+            self.line.play(pcm, rate)
+
+    def flush(self) -> float:
+        return self.line.flush() if self.line is not None else 0.0
+
+    @property
+    def depth_ms(self) -> float:
+        return self.line.depth_ms if self.line is not None else 0.0
+
+
+class SipCall:
+    def __init__(self, stack: StackCall, *, call_id: str, direction: str, metrics: SipMetrics,
+                 local: str = "", route: str = "", sink: LineSink | None = None) -> None:
+        self.stack = stack
+        self.call_id = call_id
+        self.direction = direction
+        self.local = local
+        self.route = route
+        self.metrics = metrics
+        self.state = SipCallState.RINGING
+        self.session: CallSession | None = None
+        self.sink = sink or LineSink()
+        self.end_reason = ""
+        self.closed = asyncio.get_running_loop().create_future()
+        self._hangup_reason: str | None = None
+        self._fmt: AudioFormat | None = None
+        self._t0 = 0.0
+        self._inq: collections.deque[np.ndarray] = collections.deque()
+        self._in_t0: float | None = None
+        self._fed = 0
+        self._in_min = _IN_MAX  # fewest frames left queued after a feed, this window
+        self.trimmed = 0  # caller frames dropped to keep the input queue short
+        self._sent = 0
+        self._ticks = 0
+        self._read_bytes = 0
+        self._counted_active = False
+        self._bg: set[asyncio.Task] = set()
+        stack.on_event(self._on_event)
+
+    # ---- session wiring --------------------------------------------------------------------
+
+    def attach(self, session: CallSession) -> None:
+        self.session = session
+        session.on_hangup_request(self.hangup)
+        if self.state is SipCallState.ENDED:  # the caller gave up while we were admitting
+            self._spawn(session.end(self.end_reason or "cancelled"))
+        elif self.state is SipCallState.ACTIVE:
+            self._spawn(session.answered())
+
+    async def hangup(self, reason: str = "operator") -> None:
+        """Hang up the wire (our side); the session ends on the stack's CLOSED event."""
+        if self.state is SipCallState.ENDED:
+            return
+        self._hangup_reason = reason
+        try:
+            await self.stack.hangup()
+        except StackError as exc:
+            # The stack is gone or refused: no close report will come, so end it here.
+            log.warning("call %s: hang-up failed: %s", self.call_id, exc)
+            self.finish(reason)
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), 5.0)
+        except asyncio.TimeoutError:
+            log.warning("call %s: no close report 5 s after hang-up; ending the session", self.call_id)
+            self.finish(reason)
+
+    async def set_hold(self, on: bool) -> None:
+        """Operator hold: re-INVITE the far end, pause the session (no frames, no audio)."""
+        if self.state not in (SipCallState.ACTIVE, SipCallState.HELD):
+            raise StackError(f"call is {self.state.value}, not active")
+        await self.stack.set_hold(on)
+        await self._hold(on)
+
+    async def transfer(self, uri: str, timeout: float = 30.0) -> None:
+        if self.state not in (SipCallState.ACTIVE, SipCallState.HELD):
+            raise StackError(f"call is {self.state.value}, not active")
+        self._hangup_reason = "transferred"
+        try:
+            await self.stack.transfer(uri, timeout=timeout)
+        except BaseException:
+            self._hangup_reason = None
+            raise
+
+    async def send_dtmf(self, digits: str) -> None:
+        await self.stack.send_dtmf(digits)
+        self.metrics.dtmf_sent.inc(len(digits))
+
+    # ---- stack events ------------------------------------------------------------------------
+
+    def _on_event(self, event: CallEvent) -> None:
+        kind = event.kind
+        if kind is CallEventKind.ESTABLISHED:
+            if self.state is SipCallState.RINGING:
+                self.state = SipCallState.ACTIVE
+                self.metrics.active.labels(direction=self.direction).inc()
+                self._counted_active = True
+                if self.session is not None:
+                    self._spawn(self.session.answered())
+        elif kind is CallEventKind.CLOSED:
+            reason = self._hangup_reason or (_remote_reason(event.text) if self.state is not SipCallState.RINGING
+                                             else _unanswered_reason(event.text, self.direction))
+            self.finish(reason, event.text)
+        elif kind is CallEventKind.REMOTE_HOLD:
+            self._spawn(self._hold(True))
+        elif kind is CallEventKind.REMOTE_RESUME:
+            self._spawn(self._hold(False))
+        elif kind is CallEventKind.DTMF:
+            if self.session is not None:
+                try:
+                    self.session.dtmf(event.text)
+                except ValueError:
+                    pass  # not a keypad digit: ignore rather than end the call
+        elif kind is CallEventKind.AUDIO_WARNING:
+            self.metrics.audio_warnings.labels(direction=event.text).inc()
+
+    async def _hold(self, on: bool) -> None:
+        if self.state not in (SipCallState.ACTIVE, SipCallState.HELD):
+            return
+        self.state = SipCallState.HELD if on else SipCallState.ACTIVE
+        self.sink.flush()
+        self._fmt = None  # media is re-probed (and re-clocked) on resume
+        self._in_t0 = None
+        self._inq.clear()
+        if self.session is not None:
+            await self.session.set_hold(on)
+
+    def finish(self, reason: str, detail: str = "") -> None:
+        """The call is over (the stack said so, or an outbound call failed): end the session."""
+        if self.state is SipCallState.ENDED:
+            return
+        self.state = SipCallState.ENDED
+        self.end_reason = reason
+        if self._counted_active:
+            self.metrics.active.labels(direction=self.direction).dec()
+            self._counted_active = False
+        stats = self.stack.stats
+        if stats is not None:
+            self.metrics.rtp_received.inc(stats.rx_packets)
+            self.metrics.rtp_lost.inc(max(0, stats.rx_lost))
+            self.metrics.rtp_late.inc(stats.jbuf_late)
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        log.info("SIP call %s %s ended: %s%s", self.call_id, self.direction, reason,
+                 f" ({detail})" if detail and detail != reason else "")
+        if self.session is not None:
+            self._spawn(self.session.end(reason))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # ---- media (the shared ticker; event loop thread; never logs) -------------------------
+
+    def media_tick(self, now: float) -> None:
+        if self.state is not SipCallState.ACTIVE or self.session is None:
+            return
+        try:
+            if self._fmt is None:
+                self._start_media(now)
+            self._pump(now)
+        except MediaRestarted:
+            self._fmt = None  # the streams were replaced: probe again next tick
+        except MediaInactive:
+            pass
+
+    def _start_media(self, now: float) -> None:
+        fmt = self.stack.audio_format()
+        line = self.sink.line
+        if line is None or line.line_rate != fmt.rx_rate:
+            self.sink.line = LineAudio(fmt.rx_rate)
+        self._fmt = fmt
+        self._read_bytes = int(fmt.rx_rate * FRAME_SECONDS) * fmt.rx_channels * 2 * _READ_FRAMES
+        self._t0 = now
+        self._sent = 0
+        self._ticks = 0
+
+    def _pump(self, now: float) -> None:
+        fmt = self._fmt
+        line = self.sink.line
+        assert fmt is not None and line is not None and self.session is not None
+        data = self.stack.read(self._read_bytes)
+        if data:
+            pcm = np.frombuffer(data, dtype=np.int16)
+            if fmt.rx_channels == 2:
+                pcm = np.ascontiguousarray(pcm[0::2])  # both channels carry the same voice
+            self._inq.extend(line.receive(pcm))
+        self._feed(now)
+        due = int((now - self._t0) / FRAME_SECONDS) + _AHEAD
+        if due - self._sent > _MAX_BEHIND:
+            self._sent = due - _AHEAD  # a stall: drop the backlog rather than queue delay
+        while self._sent < due:
+            frame = line.next_frame()
+            if fmt.tx_channels == 2:
+                frame = np.repeat(frame, 2)
+            self.stack.write(frame)
+            self._sent += 1
+            self.session.frame_sent()
+        self._ticks += 1
+        if self._ticks % _RESYNC_TICKS == 0:
+            self._resync()
+
+    def _feed(self, now: float) -> None:
+        """Hand caller frames to the session on the call's own 20 ms grid, one frame
+        (`_IN_CUSHION`) behind the first arrival. The stack's receive clock is not in phase
+        with ours and shifts when a re-INVITE replaces the streams; the cushion absorbs
+        that, so the session sees a steady clock and its lateness measures our scheduling.
+        A frame missing at its instant is concealed with silence (the model's clock must
+        not stop); a queue grown past `_IN_MAX` frames is trimmed (no creeping delay)."""
+        session = self.session
+        assert session is not None
+        if self._in_t0 is None:
+            if not self._inq:
+                return
+            self._in_t0 = now + _IN_CUSHION
+            self._fed = 0
+        if now < self._in_t0:
+            return
+        due = int((now - self._in_t0) / FRAME_SECONDS) + 1
+        if due - self._fed > _MAX_BEHIND:  # a stall of the whole process: skip, don't burst
+            self._fed = due - 1
+        while self._fed < due:
+            session.feed(self._inq.popleft() if self._inq else _SILENCE)
+            self._fed += 1
+            # A concealed frame leaves the real one queued behind: 20 ms more delay for
+            # the rest of the call. So when the queue never ran dry for a whole window,
+            # one frame is surplus: drop it (a jitter buffer that shrinks back).
+            self._in_min = min(self._in_min, len(self._inq))
+            if self._fed % _TRIM_WINDOW == 0:
+                if self._in_min > 0:
+                    self._inq.popleft()
+                    self.trimmed += 1
+                self._in_min = _IN_MAX
+        while len(self._inq) > _IN_MAX:
+            self._inq.popleft()
+            self.trimmed += 1
+
+    def _resync(self) -> None:
+        """Follow the stack's transmit clock: keep about `_AHEAD` frames queued there."""
+        fmt = self.stack.audio_format()
+        frame_bytes = int(fmt.tx_rate * FRAME_SECONDS) * fmt.tx_channels * 2
+        queued = fmt.tx_buffered // max(1, frame_bytes)
+        if queued > _AHEAD + 2:
+            self._sent += 1  # we run fast: write one frame less
+        elif queued == 0:
+            self._sent -= 1  # we run slow: write one frame more
+
+
+def _unanswered_reason(text: str, direction: str) -> str:
+    """A call that closed before it was established: what became of it."""
+    status = text[:3] if text[:3].isdigit() else ""
+    if direction == "in":
+        return "cancelled"
+    return {"486": "busy", "600": "busy", "603": "declined", "408": "no-answer", "480": "no-answer",
+            "487": "no-answer"}.get(status, f"failed: {text[:60]}" if text else "failed")
+
+
+def _remote_reason(text: str) -> str:
+    """The stack's close text -> a short reason for the store and the logs."""
+    low = text.lower()
+    if not text or "connection reset" in low or "bye" in low:
+        return "remote-hangup"
+    if "transfer" in low:
+        return "transferred"
+    if "rtp" in low and "timeout" in low:
+        return "rtp-timeout"
+    return "remote-hangup" if low.startswith(("terminated", "call closed")) else f"closed: {text[:60]}"

@@ -1,0 +1,90 @@
+"""Inbound routing: the called user or number -> the agent that answers (`--sip-routes`).
+
+The routes file is JSON:
+
+    {"routes": [
+        {"match": "bot", "agent": "echo"},
+        {"match": "+4930*", "agent": "omniflatten", "name": "berlin", "settings": {"lang": "de"}},
+        {"match": "*", "agent": "echo"}
+    ]}
+
+`match` is an exact user part, or a prefix ending in `*` (a lone `*` matches everything).
+Exact matches win, then the longest prefix. An unmatched call is refused with 404 at the
+front door, never left ringing. With no routes file, every call goes to `--agent` (the
+embedded default table holds one catch-all route). This process serves one agent, so a
+route naming another agent is a configuration error at start, not a surprise mid-call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["Route", "RouteTable"]
+
+
+@dataclass(frozen=True)
+class Route:
+    match: str
+    agent: str
+    name: str
+    settings: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+class RouteTable:
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = list(routes)
+        self._exact = {r.match: r for r in routes if not r.match.endswith("*")}
+        self._prefixes = sorted((r for r in routes if r.match.endswith("*")),
+                                key=lambda r: len(r.match), reverse=True)
+
+    @classmethod
+    def default(cls, agent: str) -> "RouteTable":
+        return cls([Route("*", agent, "default")])
+
+    @classmethod
+    def load(cls, path: Path, served_agent: str) -> "RouteTable":
+        """Raises ConfigError naming the file and the entry that is wrong."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError("sip_routes", str(path), f"cannot read JSON: {exc}") from None
+        items = data.get("routes") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ConfigError("sip_routes", str(path), 'expected {"routes": [{"match": ..., "agent": ...}]}')
+        routes: list[Route] = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            where = f"routes[{i}]"
+            if not isinstance(item, dict) or not isinstance(item.get("match"), str) or not item["match"]:
+                raise ConfigError("sip_routes", str(path), f"{where}: needs a non-empty string 'match'")
+            match = item["match"].strip()
+            if "*" in match[:-1]:
+                raise ConfigError("sip_routes", str(path), f"{where}: '*' may only end a match")
+            if match in seen:
+                raise ConfigError("sip_routes", str(path), f"{where}: {match!r} is listed twice")
+            seen.add(match)
+            agent = item.get("agent", served_agent)
+            if agent != served_agent:
+                raise ConfigError("sip_routes", str(path), f"{where}: agent {agent!r}, but this "
+                                  f"process serves {served_agent!r} (--agent); run one process per agent")
+            settings = item.get("settings", {})
+            if not isinstance(settings, dict):
+                raise ConfigError("sip_routes", str(path), f"{where}: 'settings' must be an object")
+            routes.append(Route(match, agent, str(item.get("name") or match), settings))
+        return cls(routes)
+
+    def lookup(self, user: str) -> Route | None:
+        route = self._exact.get(user)
+        if route is not None:
+            return route
+        for r in self._prefixes:
+            if user.startswith(r.match[:-1]):
+                return r
+        return None
+
+    def by_name(self, name: str) -> Route | None:
+        return next((r for r in self.routes if r.name == name), None)

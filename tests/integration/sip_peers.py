@@ -1,0 +1,793 @@
+"""Real SIP peers for the SIP leg's tests: Debian's `baresip` (package baresip-core) run as
+a separate process with its own config dir on 127.0.0.1, driven over its ctrl_tcp socket
+(netstring JSON: dial, sndcode, hangup, quit; its events tell us when a call is up or
+closed). It plays a WAV (`aufile`) and its `sndfile` filter records what it sent (enc)
+and what it heard (dec), which the tests compare tone by tone.
+
+Also here: tone-sweep WAVs and tone detection, a raw SIP/UDP client for protocol facts
+(404/403/401/503 + Retry-After), a small UDP responder that answers INVITEs as told
+(busy, declined, no answer), a digest-auth registrar, and a bridge runner
+(`python -m tests.integration.sip_peers bridge ...`) that is `duplexline serve` with the SIP
+call-control routes mounted, until the server wires them itself.
+
+Every wait is bounded; processes are killed by PID at teardown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration.serve_process import REPO, free_port, http_json
+
+__all__ = ["BaresipPeer", "require_baresip", "tone_sweep_wav", "read_wav", "tone_runs", "compare_tones",
+           "TONES", "sip_request", "wait_sip_ready", "RawPhone", "Responder", "Registrar", "BridgeProcess", "free_sip_port",
+           "metric_value", "eventually"]
+
+TONES = (400, 700, 1000, 1300, 1600, 1900)  # all inside the telephone band (300-3400 Hz)
+TONE_S, GAP_S = 0.4, 0.1
+_rtp_block = itertools.count()
+
+
+def require_baresip() -> str:
+    binary = shutil.which("baresip")
+    if binary is None:
+        pytest.fail("baresip not found: install Debian's baresip-core "
+                    "(scripts/system-packages.txt lists it; scripts/setup.sh installs it)")
+    return binary
+
+
+def free_sip_port() -> int:
+    """A port free for UDP and TCP on 127.0.0.1 (SIP listens on both)."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            try:
+                t.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise OSError("no free SIP port")
+
+
+def eventually(check, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `check()` until truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout} s")
+        time.sleep(interval)  # polling interval; the check decides
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """One sample from Prometheus text (0 when absent)."""
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---- audio ---------------------------------------------------------------------------------------
+
+
+def tone_sweep_wav(path: Path, rate: int, *, lead_s: float = 0.3, tail_s: float = 1.2,
+                   tones: tuple[int, ...] = TONES, amplitude: float = 0.3, channels: int = 1) -> Path:
+    """baresip 1.0's aufile wants the codec's own rate and channel count (Opus: 48 kHz stereo)."""
+    parts = [np.zeros(int(rate * lead_s))]
+    for f in tones:
+        t = np.arange(int(rate * TONE_S)) / rate
+        ramp = np.minimum(1.0, np.minimum(t, TONE_S - t) / 0.01)  # 10 ms fades: no clicks
+        parts += [amplitude * ramp * np.sin(2 * np.pi * f * t), np.zeros(int(rate * GAP_S))]
+    parts.append(np.zeros(int(rate * tail_s)))
+    pcm = (np.concatenate(parts) * 32767).astype(np.int16)
+    if channels == 2:
+        pcm = np.repeat(pcm, 2)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def silence_wav(path: Path, rate: int, seconds: float) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.zeros(int(rate * seconds), np.int16).tobytes())
+    return path
+
+
+def read_wav(path: Path) -> tuple[int, np.ndarray]:
+    with wave.open(str(path)) as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
+    if channels == 2:
+        x = x[0::2]
+    return rate, x
+
+
+def tone_runs(rate: int, x: np.ndarray, tones: tuple[int, ...] = TONES, win_s: float = 0.01,
+              min_run_s: float = 0.1) -> list[tuple[int, float]]:
+    """(tone, onset seconds) for each run of one tone lasting at least `min_run_s`, in order.
+    A window is a tone when it is loud and its spectral peak is within 60 Hz of one."""
+    win = int(rate * win_s)
+    n = len(x) // win
+    labels: list[int | None] = []
+    hann = np.hanning(win)
+    freqs = np.fft.rfftfreq(4 * win, 1 / rate)
+    for i in range(n):
+        seg = x[i * win:(i + 1) * win]
+        if np.sqrt(np.mean(seg ** 2)) < 0.02:
+            labels.append(None)
+            continue
+        peak = freqs[np.argmax(np.abs(np.fft.rfft(seg * hann, n=4 * win)))]
+        best = min(tones, key=lambda t: abs(t - peak))
+        labels.append(best if abs(best - peak) < 60 else None)
+    runs: list[tuple[int, float]] = []
+    i = 0
+    while i < n:
+        if labels[i] is None:
+            i += 1
+            continue
+        j = i
+        while j < n and labels[j] == labels[i]:
+            j += 1
+        if (j - i) * win_s >= min_run_s:
+            if not runs or runs[-1][0] != labels[i]:
+                runs.append((labels[i], i * win_s))
+        i = j
+    return runs
+
+
+def compare_tones(sent: list[tuple[int, float]], heard: list[tuple[int, float]]) -> list[float]:
+    """Delays (s) of each sent tone as heard; fails unless every tone came back, in order."""
+    assert [t for t, _ in sent] == list(TONES), f"the sent recording is not the sweep: {sent}"
+    assert [t for t, _ in heard] == [t for t, _ in sent], f"heard {heard}, sent {sent}"
+    return [h - s for (_, s), (_, h) in zip(sent, heard)]
+
+
+# ---- baresip as a peer ---------------------------------------------------------------------------
+
+
+class BaresipPeer:
+    """Debian's baresip with a private config dir. `answer=True`: it answers calls itself."""
+
+    def __init__(self, workdir: Path, *, user: str = "alice", codecs: tuple[str, ...] = ("pcmu",),
+                 wav: Path | None = None, password: str | None = None, answer: bool = False,
+                 auth_user: str | None = None, transport: str = "udp") -> None:
+        self.binary = require_baresip()
+        self.dir = workdir / f"baresip-{user}-{os.getpid()}-{next(_rtp_block)}"
+        self.dir.mkdir(parents=True)
+        self.snd = self.dir / "snd"
+        self.snd.mkdir()
+        self.user = user
+        self.sip_port = free_sip_port()
+        self.ctrl_port = free_port()
+        wav = wav or silence_wav(self.dir / "silence.wav", 8000, 60)
+        block = 30000 + (next(_rtp_block) % 90) * 100  # its own RTP ports, clear of the bridge's
+        config = [
+            "poll_method epoll", f"sip_listen 127.0.0.1:{self.sip_port}", "net_interface 127.0.0.1",
+            f"audio_source aufile,{wav}", "audio_player alsa,null", "audio_alert aufile,/dev/null",
+            f"rtp_ports {block}-{block + 99}", "module_path /usr/lib/baresip/modules",
+            "module g711.so", "module g722.so", "module opus.so", "module aufile.so", "module alsa.so",
+            "module sndfile.so", f"snd_path {self.snd}", "module_app account.so", "module_app menu.so",
+            "module_app ctrl_tcp.so", f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}", "opus_bitrate 32000",
+        ]
+        (self.dir / "config").write_text("\n".join(config) + "\n")
+        params = [f"regint=0", f"answermode={'auto' if answer else 'manual'}",
+                  "audio_codecs=" + ",".join(codecs)]
+        if password is not None:
+            params.append(f"auth_pass={password}")
+        if auth_user is not None:
+            params.append(f"auth_user={auth_user}")
+        aor = f"sip:{user}@127.0.0.1:{self.sip_port}" + (";transport=tcp" if transport == "tcp" else "")
+        (self.dir / "accounts").write_text(f"<{aor}>;" + ";".join(params) + "\n")
+        (self.dir / "contacts").write_text("")
+        self.log_path = self.dir / "baresip.log"
+        self.proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._responses: queue.Queue = queue.Queue()
+        self.events: list[dict] = []
+        self._reader: threading.Thread | None = None
+        self._token = itertools.count(1)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.user}@127.0.0.1:{self.sip_port}"
+
+    def start(self, timeout: float = 10.0) -> "BaresipPeer":
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([self.binary, "-f", str(self.dir)], stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=self.dir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"baresip exited with {self.proc.returncode}: {self.log()}")
+            try:
+                self._sock = socket.create_connection(("127.0.0.1", self.ctrl_port), timeout=0.5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"baresip ctrl_tcp not up within {timeout} s: {self.log()}")
+                time.sleep(0.05)  # polling a starting process
+        self._sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+    def _read(self) -> None:
+        buf = b""
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while True:
+                colon = buf.find(b":")
+                if colon < 0 or not buf[:colon].isdigit():
+                    break
+                n = int(buf[:colon])
+                if len(buf) < colon + 1 + n + 1:
+                    break
+                msg = json.loads(buf[colon + 1:colon + 1 + n])
+                buf = buf[colon + 2 + n:]
+                (self._events if msg.get("event") else self._responses).put(msg)
+
+    def command(self, command: str, params: str | None = None, timeout: float = 5.0) -> dict:
+        token = str(next(self._token))
+        body = {"command": command, "token": token}
+        if params is not None:
+            body["params"] = params
+        raw = json.dumps(body).encode()
+        assert self._sock is not None
+        self._sock.sendall(str(len(raw)).encode() + b":" + raw + b",")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self._responses.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"baresip did not answer {command!r} within {timeout} s") from None
+            if msg.get("token") == token:
+                return msg
+
+    def wait_event(self, *types: str, timeout: float = 10.0) -> dict:
+        """The next event of one of `types` (earlier ones are kept in `self.events`)."""
+        deadline = time.monotonic() + timeout
+        for ev in self.events:
+            if ev.get("type") in types and not ev.get("_seen"):
+                ev["_seen"] = True
+                return ev
+        while True:
+            try:
+                ev = self._events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no {'/'.join(types)} from baresip within {timeout} s; "
+                                   f"events: {[e.get('type') for e in self.events]}") from None
+            self.events.append(ev)
+            if ev.get("type") in types:
+                ev["_seen"] = True
+                return ev
+
+    def dial(self, uri: str) -> None:
+        self.command("dial", uri)
+
+    def send_digits(self, digits: str, gap_s: float = 0.25) -> None:
+        """One digit per command: baresip 1.0 overlaps the digits of one `sndcode`."""
+        for d in digits:
+            self.command("sndcode", d)
+            time.sleep(gap_s)  # pacing the keypad like a person, not synchronisation
+
+    def hangup(self) -> None:
+        self.command("hangup")
+
+    def recordings(self) -> tuple[Path, Path]:
+        """(what it sent, what it heard) for the latest call."""
+        enc = sorted(self.snd.glob("*-enc.wav"))
+        dec = sorted(self.snd.glob("*-dec.wav"))
+        assert enc and dec, f"baresip recorded nothing in {self.snd}: {self.log()}"
+        return enc[-1], dec[-1]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and self._sock is not None:
+            try:
+                self.command("quit", timeout=2)
+            except (OSError, TimeoutError):
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "BaresipPeer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- raw SIP over UDP ----------------------------------------------------------------------------
+
+
+@dataclass
+class SipReply:
+    status: int
+    reason: str
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: str = ""
+
+
+def _parse_reply(data: bytes) -> SipReply:
+    text = data.decode(errors="replace")
+    head = text.split("\r\n\r\n", 1)[0].split("\r\n")
+    parts = head[0].split(" ", 2)
+    headers = {}
+    for line in head[1:]:
+        k, _, v = line.partition(":")
+        headers.setdefault(k.strip().lower(), v.strip())
+    return SipReply(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, text)
+
+
+def sip_request(port: int, *, method: str = "INVITE", user: str = "bot", sock: socket.socket | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 3.0, call_id: str | None = None,
+                cseq: int = 1) -> SipReply:
+    """Send one request to 127.0.0.1:`port` and return its first final response (ACKing a
+    non-2xx INVITE answer, as a client must)."""
+    own = sock is None
+    if own:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+    try:
+        lport = sock.getsockname()[1]
+        branch = "z9hG4bK" + os.urandom(6).hex()
+        call_id = call_id or os.urandom(8).hex()
+        tag = os.urandom(4).hex()
+        uri = f"sip:{user}@127.0.0.1:{port}"
+        lines = [f"{method} {uri} SIP/2.0", f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch={branch};rport",
+                 "Max-Forwards: 70", f"From: <sip:tester@127.0.0.1:{lport}>;tag={tag}", f"To: <{uri}>",
+                 f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", f"Contact: <sip:tester@127.0.0.1:{lport}>"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+               "m=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n") if method == "INVITE" else ""
+        if sdp:
+            lines.append("Content-Type: application/sdp")
+        lines.append(f"Content-Length: {len(sdp)}")
+        sock.sendto(("\r\n".join(lines) + "\r\n\r\n" + sdp).encode(), ("127.0.0.1", port))
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, _ = sock.recvfrom(65535)
+            except socket.timeout:
+                raise TimeoutError(f"no final answer to {method} within {timeout} s") from None
+            reply = _parse_reply(data)
+            if reply.headers.get("call-id") != call_id or reply.status < 200:
+                continue
+            if method == "INVITE" and reply.status >= 300:
+                ack = [f"ACK {uri} SIP/2.0", f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch={branch};rport",
+                       "Max-Forwards: 70", f"From: <sip:tester@127.0.0.1:{lport}>;tag={tag}",
+                       f"To: {reply.headers.get('to', '')}", f"Call-ID: {call_id}", f"CSeq: {cseq} ACK",
+                       "Content-Length: 0"]
+                sock.sendto(("\r\n".join(ack) + "\r\n\r\n").encode(), ("127.0.0.1", port))
+            return reply
+    finally:
+        if own:
+            sock.close()
+
+
+class RawPhone:
+    """A minimal UDP user agent on ONE socket that places many calls: INVITE (SDP pointing
+    at the discard port), ACK the 200 to its Contact, BYE later; requests from the far end
+    (the stack's re-INVITE, BYE) are answered 200 by a reader thread. For tests that need
+    many calls from one source address, as a trunk sends them."""
+
+    _SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            "m=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n")
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.lport = self.sock.getsockname()[1]
+        self.tag = os.urandom(4).hex()
+        self._replies: dict[str, queue.Queue] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RawPhone":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def _send(self, lines: list[str], body: str, dest: tuple[str, int]) -> None:
+        lines = lines + [f"Content-Length: {len(body)}"]
+        self.sock.sendto(("\r\n".join(lines) + "\r\n\r\n" + body).encode(), dest)
+
+    def _request(self, method: str, uri: str, call_id: str, cseq: int, to: str) -> list[str]:
+        return [f"{method} {uri} SIP/2.0",
+                f"Via: SIP/2.0/UDP 127.0.0.1:{self.lport};branch=z9hG4bK{os.urandom(6).hex()};rport",
+                "Max-Forwards: 70", f"From: <sip:raw@127.0.0.1:{self.lport}>;tag={self.tag}", f"To: {to}",
+                f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", f"Contact: <sip:raw@127.0.0.1:{self.lport}>"]
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            text = data.decode(errors="replace")
+            first = text.split("\r\n", 1)[0]
+            if first.startswith("SIP/2.0 "):
+                reply = _parse_reply(data)
+                q = self._replies.get(reply.headers.get("call-id", ""))
+                if q is not None:
+                    q.put(reply)
+                continue
+            method = first.split(" ", 1)[0]
+            if method == "ACK":
+                continue
+            lines = text.split("\r\n\r\n", 1)[0].split("\r\n")[1:]
+            keep = [h for h in lines if h.lower().split(":", 1)[0] in ("via", "from", "to", "call-id", "cseq")]
+            body = self._SDP if method == "INVITE" else ""
+            extra = [f"Contact: <sip:raw@127.0.0.1:{self.lport}>"] + (
+                ["Content-Type: application/sdp"] if body else [])
+            self._send(["SIP/2.0 200 OK", *keep, *extra], body, addr)
+
+    def call(self, user: str = "bot", timeout: float = 10.0) -> dict:
+        """Returns the dialog ({"status": 200, ...}) or {"status": N} when refused."""
+        call_id = os.urandom(8).hex()
+        q: queue.Queue = queue.Queue()
+        self._replies[call_id] = q
+        uri = f"sip:{user}@127.0.0.1:{self.port}"
+        self._send(self._request("INVITE", uri, call_id, 1, f"<{uri}>") + ["Content-Type: application/sdp"],
+                   self._SDP, ("127.0.0.1", self.port))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError("no final answer to the INVITE") from None
+            if reply.status < 200 or reply.headers.get("cseq", "").split()[-1:] != ["INVITE"]:
+                continue
+            if reply.status >= 300:
+                return {"status": reply.status}
+            contact = reply.headers.get("contact", "").split("<", 1)[-1].split(">", 1)[0]
+            host, _, port = contact.split("@", 1)[-1].split(";", 1)[0].partition(":")
+            dialog = {"status": 200, "call_id": call_id, "to": reply.headers.get("to", ""), "uri": contact,
+                      "dest": (host, int(port or 5060))}
+            self._send(self._request("ACK", contact, call_id, 1, dialog["to"]), "", dialog["dest"])
+            return dialog
+
+    def bye(self, dialog: dict) -> None:
+        self._send(self._request("BYE", dialog["uri"], dialog["call_id"], 2, dialog["to"]), "", dialog["dest"])
+
+
+def wait_sip_ready(port: int, timeout: float = 30.0) -> None:
+    """The SIP leg answers OPTIONS once its front door is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if sip_request(port, method="OPTIONS", timeout=0.5).status == 200:
+                return
+        except (TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no SIP on 127.0.0.1:{port} within {timeout} s")
+
+
+class Responder:
+    """A UDP user agent that answers every INVITE with `status` (486 busy, 603 declined),
+    or with 180 Ringing forever (`status=None`: nobody picks up; CANCEL gets 200 + 487)."""
+
+    def __init__(self, status: int | None, reason: str = "") -> None:
+        self.status = status
+        self.reason = reason or {486: "Busy Here", 603: "Decline"}.get(status or 0, "")
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.invites = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:carol@127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Responder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+    def _reply(self, req: list[str], status: int, reason: str, addr) -> None:
+        keep = [h for h in req[1:] if h.lower().split(":", 1)[0] in ("via", "from", "call-id", "cseq")]
+        to = next((h for h in req[1:] if h.lower().startswith("to:")), "To: <sip:carol@127.0.0.1>")
+        if ";tag=" not in to:
+            to += ";tag=resp1"
+        msg = [f"SIP/2.0 {status} {reason}", *keep, to, "Content-Length: 0"]
+        self.sock.sendto(("\r\n".join(msg) + "\r\n\r\n").encode(), addr)
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            lines = data.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
+            method = lines[0].split(" ", 1)[0]
+            if method == "INVITE":
+                self.invites += 1
+                self._reply(lines, 100, "Trying", addr)
+                if self.status is None:
+                    self._reply(lines, 180, "Ringing", addr)
+                else:
+                    self._reply(lines, self.status, self.reason, addr)
+            elif method == "CANCEL":
+                self._reply(lines, 200, "OK", addr)
+                invite = [h.replace("CANCEL", "INVITE") if h.lower().startswith("cseq") else h for h in lines]
+                self._reply(invite, 487, "Request Terminated", addr)
+
+
+class Registrar:
+    """A registrar that demands digest auth (MD5, qop=auth) for one user and password."""
+
+    def __init__(self, user: str, password: str, realm: str = "test.invalid") -> None:
+        self.user, self.password, self.realm = user, password, realm
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.registered: list[str] = []  # Contact of each accepted REGISTER
+        self.rejected = 0
+        self.challenges = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Registrar":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            head = data.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
+            if not head[0].startswith("REGISTER "):
+                continue
+            headers: dict[str, str] = {}
+            for line in head[1:]:
+                k, _, v = line.partition(":")
+                headers.setdefault(k.strip().lower(), v.strip())
+            keep = [line for line in head[1:] if line.lower().split(":", 1)[0] in ("via", "from", "call-id", "cseq", "v", "f", "i")]
+            to = next((line for line in head[1:] if line.lower().startswith(("to:", "t:"))), "To: <sip:x@x>")
+            to += ";tag=reg1" if ";tag=" not in to else ""
+            auth = headers.get("authorization", "")
+            if not auth:
+                self.challenges += 1
+                nonce = os.urandom(8).hex()
+                extra = [f'WWW-Authenticate: Digest realm="{self.realm}", nonce="{nonce}", algorithm=MD5, qop="auth"']
+                self._send([f"SIP/2.0 401 Unauthorized", *keep, to, *extra, "Content-Length: 0"], addr)
+                continue
+            p = dict(_kv(auth[7:]))
+            ha1 = hashlib.md5(f"{self.user}:{self.realm}:{self.password}".encode()).hexdigest()
+            ha2 = hashlib.md5(f"REGISTER:{p.get('uri', '')}".encode()).hexdigest()
+            want = hashlib.md5(f"{ha1}:{p.get('nonce')}:{p.get('nc')}:{p.get('cnonce')}:{p.get('qop')}:{ha2}"
+                               .encode()).hexdigest()
+            if p.get("username") == self.user and p.get("response") == want:
+                contact = headers.get("contact", headers.get("m", ""))
+                self.registered.append(contact)
+                self._send(["SIP/2.0 200 OK", *keep, to, f"Contact: {contact};expires=600",
+                            "Content-Length: 0"], addr)
+            else:
+                self.rejected += 1
+                self._send(["SIP/2.0 403 Forbidden", *keep, to, "Content-Length: 0"], addr)
+
+    def _send(self, lines: list[str], addr) -> None:
+        self.sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), addr)
+
+
+def _kv(text: str):
+    for part in text.split(","):
+        k, _, v = part.strip().partition("=")
+        yield k.strip().lower(), v.strip().strip('"')
+
+
+# ---- the bridge ----------------------------------------------------------------------------------
+
+
+class BridgeProcess:
+    """`duplexline serve` (or, with `routes=True`, this module's runner that also mounts the
+    SIP call-control routes) on free ports; ready once /healthz answers and SIP answers
+    OPTIONS; SIGTERM to stop, SIGKILL by PID at teardown."""
+
+    def __init__(self, *args: str, workdir: Path, routes: bool = False, token: str | None = None,
+                 sip_port: int | None = None) -> None:
+        self.http_port = free_port()
+        self.sip_port = sip_port or free_sip_port()
+        self.token = token
+        base = ["--http-listen", f"127.0.0.1:{self.http_port}", "--sip-listen", f"127.0.0.1:{self.sip_port}"]
+        if token:
+            base += ["--admin-token", token]
+        if routes:
+            self.cmd = [sys.executable, "-m", "tests.integration.sip_peers", "bridge", *base, *args]
+        else:
+            self.cmd = [sys.executable, "-m", "bridge.cli", "serve", *base, *args]
+        self.log_path = workdir / f"bridge-{self.sip_port}-{self.http_port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 90.0) -> "BridgeProcess":
+        log = self.log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEXLINE_")}
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bridge exited with {self.proc.returncode}: {self.log()}")
+            try:
+                if http_json("GET", self.url + "/healthz", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"bridge not up within {timeout} s: {self.log()}")
+            time.sleep(0.1)  # polling a starting process
+        wait_sip_ready(self.sip_port, timeout=max(1.0, deadline - time.monotonic()))
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def get(self, path: str) -> tuple[int, dict]:
+        return http_json("GET", self.url + path)
+
+    def post(self, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
+        return http_json("POST", self.url + path, token=self.token, body=body, timeout=timeout)
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1]["raw"]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "BridgeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def _run_bridge_with_routes(argv: list[str]) -> int:
+    """`duplexline serve` composed the same way as bridge/server.py, plus the SIP leg's HTTP
+    routes (POST /calls, /calls/{id}/dtmf|transfer|hold, GET /sip)."""
+    import argparse
+    import asyncio
+    import logging
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+
+    from agent.calls import CallManager
+    from agent.control import add_control_routes
+    from agent.metrics import AgentMetrics
+    from agent.store import create_store
+    from bridge import sip_leg
+    from bridge.compose import build_agent
+    from bridge.settings import add_serve_arguments, settings_from
+    from bridge.sip_http import add_sip_routes
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from(parser.parse_args(argv), {})
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        registry = CollectorRegistry()
+        metrics = AgentMetrics(registry)
+        agent = build_agent(settings, registry, metrics)
+        manager = CallManager(agent, create_store(settings.redis), metrics)
+        await manager.start()
+        stop = asyncio.Event()
+        holder: dict = {}
+
+        async def drain() -> None:
+            await manager.drain(settings.drain_timeout)
+            stop.set()
+
+        app = web.Application()
+        add_control_routes(app, manager, registry, settings.admin_token, drain)
+        add_sip_routes(app, lambda: holder.get("leg"), settings.admin_token)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.http_listen.host, settings.http_listen.port).start()
+        leg = holder["leg"] = await sip_leg.start(settings, manager, registry)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        print(f"duplexline: serving on http://{settings.http_listen} and sip:{settings.sip_listen}", flush=True)
+        try:
+            await stop.wait()
+            leg.drain()
+            await manager.drain(settings.drain_timeout)
+        finally:
+            await leg.close()
+            await runner.cleanup()
+            await manager.close()
+
+    asyncio.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bridge"]:
+        sys.exit(_run_bridge_with_routes(sys.argv[2:]))
+    print("usage: python -m tests.integration.sip_peers bridge [serve options]", file=sys.stderr)
+    sys.exit(2)

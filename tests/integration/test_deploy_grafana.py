@@ -1,0 +1,88 @@
+"""The Grafana dashboard as code: the JSON is what deploy/grafana/dashboard.py writes, it is
+a dashboard Grafana lays out without overlaps, every panel uses the provisioned data source,
+and it shows what an operator needs at a glance (issue 8's list). Whether its queries name
+real metrics is test_deploy_metrics.py's job, against a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tests.integration.serve_process import REPO
+
+GRAFANA = REPO / "deploy/grafana"
+DASHBOARD = GRAFANA / "dashboards/duplexline.json"
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_the_json_is_what_the_script_writes():
+    proc = subprocess.run([sys.executable, str(GRAFANA / "dashboard.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_panels_are_laid_out_on_the_grid_without_overlap():
+    panels = dashboard()["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
+
+
+def test_every_query_uses_the_provisioned_data_source():
+    provisioned = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    [ds] = provisioned["datasources"]
+    dash = dashboard()
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == ds["uid"], p["title"]
+        assert p["targets"], f"{p['title']!r} has no query"
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == ds["uid"] and t["expr"].strip(), (p["title"], t["refId"])
+        assert p.get("description"), f"{p['title']!r}: say what the panel shows"
+    for var in dash["templating"]["list"]:
+        assert var["datasource"]["uid"] == ds["uid"]
+    assert dash["uid"] == "duplexline" and dash["title"] == "duplexline"
+
+
+def test_the_dashboard_shows_what_an_operator_reads_at_a_glance():
+    """Issue 8's list, each by the panel that shows it and the metric it reads."""
+    panels = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in dashboard()["panels"]}
+    wanted = {
+        "Live calls by transport": "duplexline_calls_active",
+        "Call outcomes (per minute)": "duplexline_calls_total",
+        "Call setup time": "duplexline_sip_call_setup_seconds_bucket",
+        "Frame lateness": "duplexline_agent_frame_lateness_seconds_bucket",
+        "Time to first audio": "duplexline_agent_first_audio_seconds_bucket",
+        "Barge-in flush time": "duplexline_agent_bargein_flush_seconds_bucket",
+        "Engine step time vs chunk budget": "duplexline_engine_chunk_period_seconds",
+        "Batch size and slot occupancy": "duplexline_engine_batch_size_count",
+        "Missed deadlines and refusals (per second)": "duplexline_engine_missed_deadlines_total",
+        "SIP registrations": "duplexline_sip_registration_up",
+        "Redis health": "duplexline_store_up",
+        "Replicas": "up{",
+    }
+    for title, metric in wanted.items():
+        assert title in panels, f"no panel {title!r}"
+        assert metric in panels[title], (title, metric)
+    assert "duplexline_engine_step_duration_seconds_bucket" in panels["Engine step time vs chunk budget"]
+    assert "duplexline_engine_slots_total" in panels["Batch size and slot occupancy"]
+
+
+def test_the_provider_serves_the_folder_and_keeps_ui_edits_out():
+    provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/duplexline.yml").read_text())
+    [prov] = provider["providers"]
+    assert prov["type"] == "file" and prov["allowUiUpdates"] is False
+    assert prov["options"]["path"].startswith("/var/lib/grafana/dashboards")
