@@ -54,16 +54,23 @@ def require_baresip() -> str:
 
 
 def free_sip_port() -> int:
-    """A port free for UDP and TCP on 127.0.0.1 (SIP listens on both)."""
+    """A port free for UDP and TCP on 127.0.0.1, with the next one free for TCP too: SIP listens
+    on both, and baresip puts its TLS transport on the port after."""
     for _ in range(50):
         port = free_port(socket.SOCK_DGRAM)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if port >= 65535 or not all(_tcp_free(p) for p in (port, port + 1)):
+            continue
         return port
     raise OSError("no free SIP port")
+
+
+def _tcp_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+        try:
+            t.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def eventually(check, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -171,6 +178,10 @@ def compare_tones(sent: list[tuple[int, float]], heard: list[tuple[int, float]])
 # ---- baresip as a peer ---------------------------------------------------------------------------
 
 
+class _PortTaken(RuntimeError):
+    """baresip could not bind a port it was given."""
+
+
 class BaresipPeer:
     """Debian's baresip with a private config dir. `answer=True`: it answers calls itself."""
 
@@ -183,27 +194,10 @@ class BaresipPeer:
         self.snd = self.dir / "snd"
         self.snd.mkdir()
         self.user = user
-        self.sip_port = free_sip_port()
-        self.ctrl_port = free_port()
-        wav = wav or silence_wav(self.dir / "silence.wav", 8000, 60)
-        block = 30000 + (next(_rtp_block) % 90) * 100  # its own RTP ports, clear of the bridge's
-        config = [
-            "poll_method epoll", f"sip_listen 127.0.0.1:{self.sip_port}", "net_interface 127.0.0.1",
-            f"audio_source aufile,{wav}", "audio_player alsa,null", "audio_alert aufile,/dev/null",
-            f"rtp_ports {block}-{block + 99}", "module_path /usr/lib/baresip/modules",
-            "module g711.so", "module g722.so", "module opus.so", "module aufile.so", "module alsa.so",
-            "module sndfile.so", f"snd_path {self.snd}", "module_app account.so", "module_app menu.so",
-            "module_app ctrl_tcp.so", f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}", "opus_bitrate 32000",
-        ]
-        (self.dir / "config").write_text("\n".join(config) + "\n")
-        params = [f"regint=0", f"answermode={'auto' if answer else 'manual'}",
-                  "audio_codecs=" + ",".join(codecs)]
-        if password is not None:
-            params.append(f"auth_pass={password}")
-        if auth_user is not None:
-            params.append(f"auth_user={auth_user}")
-        aor = f"sip:{user}@127.0.0.1:{self.sip_port}" + (";transport=tcp" if transport == "tcp" else "")
-        (self.dir / "accounts").write_text(f"<{aor}>;" + ";".join(params) + "\n")
+        self._wav = wav or silence_wav(self.dir / "silence.wav", 8000, 60)
+        self._codecs, self._password, self._answer = codecs, password, answer
+        self._auth_user, self._transport = auth_user, transport
+        self._configure()
         (self.dir / "contacts").write_text("")
         self.log_path = self.dir / "baresip.log"
         self.proc: subprocess.Popen | None = None
@@ -214,11 +208,46 @@ class BaresipPeer:
         self._reader: threading.Thread | None = None
         self._token = itertools.count(1)
 
+    def _configure(self) -> None:
+        """Pick free ports and write baresip's config and account files."""
+        self.sip_port = free_sip_port()
+        self.ctrl_port = free_port()
+        block = 30000 + (next(_rtp_block) % 90) * 100  # its own RTP ports, clear of the bridge's
+        config = [
+            "poll_method epoll", f"sip_listen 127.0.0.1:{self.sip_port}", "net_interface 127.0.0.1",
+            f"audio_source aufile,{self._wav}", "audio_player alsa,null", "audio_alert aufile,/dev/null",
+            f"rtp_ports {block}-{block + 99}", "module_path /usr/lib/baresip/modules",
+            "module g711.so", "module g722.so", "module opus.so", "module aufile.so", "module alsa.so",
+            "module sndfile.so", f"snd_path {self.snd}", "module_app account.so", "module_app menu.so",
+            "module_app ctrl_tcp.so", f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}", "opus_bitrate 32000",
+        ]
+        (self.dir / "config").write_text("\n".join(config) + "\n")
+        params = [f"regint=0", f"answermode={'auto' if self._answer else 'manual'}",
+                  "audio_codecs=" + ",".join(self._codecs)]
+        if self._password is not None:
+            params.append(f"auth_pass={self._password}")
+        if self._auth_user is not None:
+            params.append(f"auth_user={self._auth_user}")
+        aor = f"sip:{self.user}@127.0.0.1:{self.sip_port}" + (";transport=tcp" if self._transport == "tcp" else "")
+        (self.dir / "accounts").write_text(f"<{aor}>;" + ";".join(params) + "\n")
+
     @property
     def uri(self) -> str:
         return f"sip:{self.user}@127.0.0.1:{self.sip_port}"
 
-    def start(self, timeout: float = 10.0) -> "BaresipPeer":
+    def start(self, timeout: float = 10.0, attempts: int = 3) -> "BaresipPeer":
+        """Start baresip; a port taken between picking and binding (another process got it
+        first) means fresh ports and another try."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                self._configure()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "BaresipPeer":
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen([self.binary, "-f", str(self.dir)], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.dir)
@@ -226,7 +255,10 @@ class BaresipPeer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"baresip exited with {self.proc.returncode}: {self.log()}")
+                text = self.log()
+                if "Address already in use" in text:
+                    raise _PortTaken(text)
+                raise RuntimeError(f"baresip exited with {self.proc.returncode}: {text}")
             try:
                 self._sock = socket.create_connection(("127.0.0.1", self.ctrl_port), timeout=0.5)
                 break
