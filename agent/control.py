@@ -2,7 +2,8 @@
 
     GET  /metrics              Prometheus text format
     GET  /healthz              the process is up
-    GET  /readyz               engine loaded, store reachable, not draining (503 otherwise)
+    GET  /readyz               engine loaded, store reachable, not draining (503 otherwise);
+                               the legs' details (SIP registrations, live calls) ride along
     GET  /calls[?live=1]       calls from the store (every bridge's, with Redis)
     GET  /calls/{id}           one call with its latest events
     POST /calls/{id}/hangup    hang up a call this bridge holds          (admin)
@@ -51,7 +52,10 @@ def require_admin(request: web.Request, token: str | None) -> None:
 
 
 def add_control_routes(app: web.Application, manager: CallManager, registry: CollectorRegistry,
-                       admin_token: str | None, start_drain: Callable[[], Awaitable[None]]) -> None:
+                       admin_token: str | None, start_drain: Callable[[], Awaitable[None]],
+                       details: Callable[[], dict] | None = None) -> None:
+    """`details`, when given, adds the transport legs' state to /readyz (informational: a
+    registration that is down does not make the bridge unready for direct calls)."""
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -60,6 +64,8 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
 
     async def readyz(_: web.Request) -> web.Response:
         body = await manager.readiness()
+        if details is not None:
+            body["details"] = details()
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def calls(request: web.Request) -> web.Response:

@@ -1,5 +1,6 @@
 """The `duplexline` command: the composition root, the only place that reads the
-environment. Subcommands: `serve` (the bridge), `model init` (write a tiny model)."""
+environment. Subcommands: `serve` (the bridge), `dial` (place a call through a running
+bridge), `model init` (write a tiny model)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from .errors import ConfigError
 from .settings import add_serve_arguments, settings_from
+from .sip_dial_cli import add_dial_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "DUPLEXLINE_* environment variable; a flag wins.")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    add_dial_parser(sub)
 
     model = sub.add_parser("model", help="model files: write a tiny model for demos and tests")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)

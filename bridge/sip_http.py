@@ -1,5 +1,5 @@
 """HTTP call control for SIP calls (admin routes: `Authorization: Bearer <token>` when a
-token is configured), mounted by `SipLeg.add_routes(app, admin_token)`:
+token is configured), mounted by the server with `add_sip_routes`:
 
     POST /calls                  {"to": "sip:...", "account": NAME?, "timeout": S?}
                                  place a call; answers when it is answered (201) or not:
@@ -12,14 +12,14 @@ token is configured), mounted by `SipLeg.add_routes(app, admin_token)`:
 Bodies are JSON objects; a bad body is 400 naming the field.
 
 aiohttp freezes the router when the server starts, and the SIP leg starts after that, so
-`add_sip_routes` also takes a getter (`lambda: leg_or_None`): mount the routes before the
-HTTP server starts, and they answer 503 until the leg is up.
+`add_sip_routes` takes a getter (`lambda: leg_or_None`): the routes answer 503 until the
+leg is up, and always when SIP is off.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
 
@@ -57,10 +57,12 @@ def _sip_uri(body: dict, field: str) -> str:
     return uri
 
 
-def add_sip_routes(app: web.Application, leg_or_getter: Union["SipLeg", Callable[[], "SipLeg | None"]],
+def add_sip_routes(app: web.Application, current_leg: Callable[[], "SipLeg | None"],
                    admin_token: str | None) -> None:
+    """Mount the routes before the server starts; `current_leg()` gives the SIP leg once it
+    runs (None before it started or when SIP is off: those requests get 503)."""
     def the_leg() -> "SipLeg":
-        leg = leg_or_getter() if callable(leg_or_getter) else leg_or_getter
+        leg = current_leg()
         if leg is None:
             raise _error(web.HTTPServiceUnavailable, "the SIP leg is not running")
         return leg

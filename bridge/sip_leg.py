@@ -7,8 +7,8 @@
 `start(settings, manager, registry)` builds it (the server calls it) and returns a `SipLeg`
 with `drain()` (new INVITEs get 503 + Retry-After from now on), `async close()`
 (idempotent: hangs up what is left, unregisters, stops the stack), `dial()` for outbound
-calls, `describe()` for /readyz details and `add_routes(app, admin_token)` for the HTTP
-call-control routes (bridge/sip_http.py).
+calls and `describe()` for /readyz details. Its HTTP call-control routes live in
+bridge/sip_http.py.
 
 Inbound order of events: the front accepts and forwards the INVITE -> the stack reports it
 -> the agent admits a session (or we answer 486) -> 200 OK -> established: the session
@@ -43,7 +43,6 @@ from .sip_routes import RouteTable
 from .sip_siblings import Siblings
 
 if TYPE_CHECKING:
-    from aiohttp import web
     from prometheus_client import CollectorRegistry
 
     from agent.calls import CallManager
@@ -182,11 +181,6 @@ class SipLeg:
                         "draining": self.draining,
                         "processes": self.siblings.count if self.siblings is not None else 1,
                         "registrations": [r.describe() for r in self.registrations.values()]}}
-
-    def add_routes(self, app: "web.Application", admin_token: str | None) -> None:
-        from .sip_http import add_sip_routes
-
-        add_sip_routes(app, self, admin_token)
 
     # ---- inbound -----------------------------------------------------------------------------
 

@@ -86,6 +86,11 @@ class WebRtcLeg:
         self.draining = True
         await asyncio.gather(*(call.end("shutdown") for call in list(self.calls.values())), return_exceptions=True)
 
+    def describe(self) -> dict:
+        """For /readyz details."""
+        return {"webrtc": {"calls": len(self.calls), "max_calls": self.settings.max_calls,
+                           "draining": self.draining, "media": self.settings.media}}
+
     # ---- calls --------------------------------------------------------------------------
 
     async def open_call(self, offer: Offer, remote: str, local: str = "") -> tuple[str, str]:

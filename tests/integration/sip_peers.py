@@ -222,7 +222,7 @@ class BaresipPeer:
             "module_app ctrl_tcp.so", f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}", "opus_bitrate 32000",
         ]
         (self.dir / "config").write_text("\n".join(config) + "\n")
-        params = [f"regint=0", f"answermode={'auto' if self._answer else 'manual'}",
+        params = ["regint=0", f"answermode={'auto' if self._answer else 'manual'}",
                   "audio_codecs=" + ",".join(self._codecs)]
         if self._password is not None:
             params.append(f"auth_pass={self._password}")
@@ -654,7 +654,7 @@ class Registrar:
                 self.challenges += 1
                 nonce = os.urandom(8).hex()
                 extra = [f'WWW-Authenticate: Digest realm="{self.realm}", nonce="{nonce}", algorithm=MD5, qop="auth"']
-                self._send([f"SIP/2.0 401 Unauthorized", *keep, to, *extra, "Content-Length: 0"], addr)
+                self._send(["SIP/2.0 401 Unauthorized", *keep, to, *extra, "Content-Length: 0"], addr)
                 continue
             p = dict(_kv(auth[7:]))
             ha1 = hashlib.md5(f"{self.user}:{self.realm}:{self.password}".encode()).hexdigest()
@@ -684,11 +684,10 @@ def _kv(text: str):
 
 
 class BridgeProcess:
-    """`duplexline serve` (or, with `routes=True`, this module's runner that also mounts the
-    SIP call-control routes) on free ports; ready once /healthz answers and SIP answers
-    OPTIONS; SIGTERM to stop, SIGKILL by PID at teardown."""
+    """`duplexline serve` on free ports; ready once /healthz answers and SIP answers OPTIONS;
+    SIGTERM to stop, SIGKILL by PID at teardown."""
 
-    def __init__(self, *args: str, workdir: Path, routes: bool = False, token: str | None = None,
+    def __init__(self, *args: str, workdir: Path, token: str | None = None,
                  sip_port: int | None = None) -> None:
         self.http_port = free_port()
         self.sip_port = sip_port or free_sip_port()
@@ -696,10 +695,7 @@ class BridgeProcess:
         base = ["--http-listen", f"127.0.0.1:{self.http_port}", "--sip-listen", f"127.0.0.1:{self.sip_port}"]
         if token:
             base += ["--admin-token", token]
-        if routes:
-            self.cmd = [sys.executable, "-m", "tests.integration.sip_peers", "bridge", *base, *args]
-        else:
-            self.cmd = [sys.executable, "-m", "bridge.cli", "serve", *base, *args]
+        self.cmd = [sys.executable, "-m", "bridge.cli", "serve", *base, *args]
         self.log_path = workdir / f"bridge-{self.sip_port}-{self.http_port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -756,70 +752,3 @@ class BridgeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
-
-
-def _run_bridge_with_routes(argv: list[str]) -> int:
-    """`duplexline serve` composed the same way as bridge/server.py, plus the SIP leg's HTTP
-    routes (POST /calls, /calls/{id}/dtmf|transfer|hold, GET /sip)."""
-    import argparse
-    import asyncio
-    import logging
-
-    from aiohttp import web
-    from prometheus_client import CollectorRegistry
-
-    from agent.calls import CallManager
-    from agent.control import add_control_routes
-    from agent.metrics import AgentMetrics
-    from agent.store import create_store
-    from bridge import sip_leg
-    from bridge.compose import build_agent
-    from bridge.settings import add_serve_arguments, settings_from
-    from bridge.sip_http import add_sip_routes
-
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    settings = settings_from(parser.parse_args(argv), {})
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    async def main() -> None:
-        registry = CollectorRegistry()
-        metrics = AgentMetrics(registry)
-        agent = build_agent(settings, registry, metrics)
-        manager = CallManager(agent, create_store(settings.redis), metrics)
-        await manager.start()
-        stop = asyncio.Event()
-        holder: dict = {}
-
-        async def drain() -> None:
-            await manager.drain(settings.drain_timeout)
-            stop.set()
-
-        app = web.Application()
-        add_control_routes(app, manager, registry, settings.admin_token, drain)
-        add_sip_routes(app, lambda: holder.get("leg"), settings.admin_token)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, settings.http_listen.host, settings.http_listen.port).start()
-        leg = holder["leg"] = await sip_leg.start(settings, manager, registry)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        print(f"duplexline: serving on http://{settings.http_listen} and sip:{settings.sip_listen}", flush=True)
-        try:
-            await stop.wait()
-            leg.drain()
-            await manager.drain(settings.drain_timeout)
-        finally:
-            await leg.close()
-            await runner.cleanup()
-            await manager.close()
-
-    asyncio.run(main())
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["bridge"]:
-        sys.exit(_run_bridge_with_routes(sys.argv[2:]))
-    print("usage: python -m tests.integration.sip_peers bridge [serve options]", file=sys.stderr)
-    sys.exit(2)

@@ -1,8 +1,7 @@
 """Outbound calls and mid-call control through the HTTP routes of the SIP leg (POST
 /calls, /calls/{id}/dtmf|hold|transfer) and `duplexline dial`, against real clients:
 Debian's baresip answering, and small UDP user agents that answer busy, decline, or never
-pick up. The bridge here is tests/integration/sip_peers.py's runner: `duplexline serve`
-with the SIP routes mounted (the server wires them itself once integrated)."""
+pick up. The bridge is `duplexline serve` as an operator starts it."""
 
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bridge(workdir):
-    with BridgeProcess("--agent", "echo", "--rtp-ports", "25000-25999", workdir=workdir, routes=True,
+    with BridgeProcess("--agent", "echo", "--rtp-ports", "25000-25999", workdir=workdir,
                        token=TOKEN) as server:
         yield server
         assert server.terminate() == 0, server.log()
@@ -98,11 +97,20 @@ def test_dtmf_hold_resume_and_blind_transfer(bridge, workdir):
 
 def test_dial_command_reports_busy(bridge):
     with Responder(486) as far:
-        run = subprocess.run([sys.executable, "-m", "bridge.sip_dial_cli", far.uri, "--server", bridge.url,
+        run = subprocess.run([sys.executable, "-m", "bridge.cli", "dial", far.uri, "--server", bridge.url,
                               "--admin-token", TOKEN, "--timeout", "3"], cwd=REPO, capture_output=True,
                              text=True, timeout=60)
     assert run.returncode == 1, run.stderr
     assert json.loads(run.stdout)["outcome"] == "busy"
-    run = subprocess.run([sys.executable, "-m", "bridge.sip_dial_cli", "sip:x@127.0.0.1:9", "--server", bridge.url],
+    run = subprocess.run([sys.executable, "-m", "bridge.cli", "dial", "sip:x@127.0.0.1:9", "--server", bridge.url],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "admin token" in run.stderr
+
+
+def test_readyz_and_sip_route_describe_the_sip_leg(bridge):
+    status, body = bridge.get("/readyz")
+    assert status == 200, body
+    sip = body["details"]["sip"]
+    assert sip["listen"] == f"127.0.0.1:{bridge.sip_port}" and sip["draining"] is False
+    assert body["details"]["webrtc"]["draining"] is False
+    assert bridge.get("/sip")[1]["listen"] == sip["listen"]
