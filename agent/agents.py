@@ -10,6 +10,10 @@ Barge-in: the model has no interruption token; it stops talking. When a chunk st
 silent speech right after a chunk that ended in speech, the assistant was cut off, so what
 the caller has not heard yet is flushed at once. A chunk that ends its speech with
 silence is a natural end of turn and is played out.
+
+Time to first audio (`duplexline_agent_first_audio_seconds`): from the arrival of the
+caller's last frame with speech in it (peak above SPEECH_PEAK) to when the assistant's
+next reply starts playing, i.e. after the audio already queued ahead of it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ __all__ = ["Agent", "AgentSession", "EchoAgent", "OmniFlattenAgent", "Emit"]
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict], None]  # (event kind, data): to the transport and the store
+
+# A caller frame whose peak passes this (-30 dBFS) holds speech; line noise and comfort
+# noise stay well below. Cheap enough for every frame; the model itself needs no VAD.
+SPEECH_PEAK = 1000
 
 
 class AgentSession(ABC):
@@ -106,8 +114,11 @@ class EchoAgent(Agent):
 
 class _OmniFlattenSession(AgentSession):
     def __init__(self, agent: "OmniFlattenAgent", engine_session: EngineSession, sink: AudioSink,
-                 emit: Emit) -> None:
+                 emit: Emit, transport: str) -> None:
         self._agent = agent
+        self._first_audio = agent.metrics.first_audio.labels(transport=transport)
+        self._caller_spoke_at: float | None = None  # arrival of the caller's latest speech frame
+        self._awaiting_reply = False
         self._engine_session = engine_session
         self._sink = sink
         self._emit = emit
@@ -130,6 +141,9 @@ class _OmniFlattenSession(AgentSession):
     def feed(self, frame: np.ndarray) -> None:
         if self._hold or self._closed:
             return
+        if max(int(frame.max()), -int(frame.min())) > SPEECH_PEAK:
+            self._caller_spoke_at = time.monotonic()
+            self._awaiting_reply = True
         n = len(frame)
         take = min(n, self._chunk_samples - self._fill)
         self._buf[self._fill:self._fill + take] = frame[:take] * (1.0 / 32768.0)
@@ -188,11 +202,20 @@ class _OmniFlattenSession(AgentSession):
             m.bargein_flush.observe(time.monotonic() - t0)
             m.bargeins.inc()
             self._emit("barge-in", {"flushed_ms": round(dropped, 1)})
+        queued_ahead = self._sink.depth_ms / 1000.0
         self._sink.play(pcm, self._agent.decoder.sample_rate)
-        response = time.monotonic() - t_end
+        now = time.monotonic()
+        response = now - t_end
         m.response.observe(response)
         m.playout_depth.observe(self._sink.depth_ms / 1000.0)
         speaking = bool((speech >= 0).any())
+        first_audio_ms = None
+        if speaking and not self._speaking and self._awaiting_reply and self._caller_spoke_at is not None:
+            # The reply starts once the audio queued ahead of it has played.
+            first_audio = max(0.0, now + queued_ahead - self._caller_spoke_at)
+            self._first_audio.observe(first_audio)
+            first_audio_ms = round(first_audio * 1000, 1)
+            self._awaiting_reply = False
         if speaking != self._speaking:
             self._speaking = speaking
             self._emit("turn", {"assistant": "speaking" if speaking else "listening"})
@@ -200,8 +223,10 @@ class _OmniFlattenSession(AgentSession):
         text = [t for t in result.text_ids if t != self._vocab.silent_text]
         if text:
             self._emit("text", {"ids": text, "text": self._agent.detokenize(text)})
-        self._emit("latency", {"response_ms": round(response * 1000, 1),
-                               "dropped": bool(result.dropped)})
+        latency = {"response_ms": round(response * 1000, 1), "dropped": bool(result.dropped)}
+        if first_audio_ms is not None:
+            latency["first_audio_ms"] = first_audio_ms
+        self._emit("latency", latency)
 
     def dtmf(self, digit: str) -> None:
         pass  # the model takes no keypad input; the event is logged and stored by the session
@@ -256,4 +281,4 @@ class OmniFlattenAgent(Agent):
             if exc.reason == "draining":
                 raise CallRefused(503, "Service Unavailable (draining)", retry_after=30) from None
             raise CallRefused(486, f"Busy Here ({exc.reason})") from None
-        return _OmniFlattenSession(self, engine_session, sink, emit)
+        return _OmniFlattenSession(self, engine_session, sink, emit, str(info.transport))

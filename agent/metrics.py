@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 __all__ = ["AgentMetrics"]
 
 TRANSPORTS = ("sip", "webrtc")
+CALL_OUTCOMES = ("completed", "refused_486", "refused_503", "refused_draining")
 FRAME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 LATENCY_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0)
 
@@ -34,6 +35,11 @@ class AgentMetrics:
             "duplexline_agent_response_seconds",
             "From the end of a user chunk to the assistant audio for it queued for playout",
             buckets=LATENCY_BUCKETS, **kw)
+        self.first_audio = Histogram(
+            "duplexline_agent_first_audio_seconds",
+            "Time to first audio: from the end of the caller's speech to the assistant's reply "
+            "starting to play (queued playout ahead of it included)",
+            ["transport"], buckets=LATENCY_BUCKETS, **kw)
         self.bargein_flush = Histogram(
             "duplexline_agent_bargein_flush_seconds",
             "From the model going silent (user interruption) to playout flushed",
@@ -48,8 +54,11 @@ class AgentMetrics:
                                       "Sessions ended by an internal error", ["stage"], **kw)
         self._registry = registry
         self._store_collector: _StoreCollector | None = None
-        for t in TRANSPORTS:
+        for t in TRANSPORTS:  # every series exists from the start: dashboards show 0, not "no data"
             self.active_calls.labels(transport=t)
+            self.first_audio.labels(transport=t)
+            for outcome in CALL_OUTCOMES:
+                self.calls.labels(transport=t, outcome=outcome)
         for reason in ("backlog", "on_hold"):
             self.dropped_frames.labels(reason=reason)
 

@@ -14,18 +14,14 @@ alert that has a real cause (the unregistered account) active.
 
 Most names are exported before any call (counters and histograms without labels, and
 labelled ones whose label sets are pre-initialised, are exported at zero); the call adds the
-rest (`duplexline_calls_total` has a series only once a call ended). `PENDING` names the
-few the deployment needs that `duplexline serve` does not export yet, each with the reason;
-the test warns when one appears, so the list only shrinks.
+rest.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import yaml
@@ -39,12 +35,6 @@ pytestmark = pytest.mark.timeout(150)
 DASHBOARD = REPO / "deploy/grafana/dashboards/duplexline.json"
 ALERTS = REPO / "deploy/prometheus/alerts.yml"
 PROMETHEUS_CONFIG = REPO / "deploy/prometheus/prometheus.yml"
-
-# Used by the dashboard or the alerts, not exported by `duplexline serve` yet.
-PENDING = {
-    "duplexline_agent_first_audio_seconds_bucket":
-        "time to first audio (caller stops speaking -> assistant's first audio) is not measured yet",
-}
 
 TEST_ACCOUNT = "test-trunk"
 
@@ -256,14 +246,11 @@ def scrape(tmp_path_factory):
 
 def test_every_metric_the_dashboard_and_alerts_use_is_scraped(scrape):
     labels, values = scrape["labels"], scrape["values"]
-    problems, pending_missing = [], set()
+    problems = []
     for use in dashboard_uses() + alert_uses():
         for name in sorted(use.metrics):
             if name not in labels:
-                if name in PENDING:
-                    pending_missing.add(name)
-                else:
-                    problems.append(f"{use.where}: metric {name} is not exported (scraped: no such series)")
+                problems.append(f"{use.where}: metric {name} is not exported (scraped: no such series)")
                 continue
             for label in sorted(use.labels.get(name, ())):
                 if label not in labels[name]:
@@ -279,15 +266,9 @@ def test_every_metric_the_dashboard_and_alerts_use_is_scraped(scrape):
         available = use.grouped or set().union({"job", "instance"} if use.uses_up else set(),
                                                *(labels.get(n, set()) for n in use.metrics))
         for label in sorted(use.shown - available):
-            if use.metrics & set(PENDING):
-                continue
             problems.append(f"{use.where}: prints {{{{{label}}}}} but the expression's result has no such label "
                             f"(it keeps {sorted(available)})")
     assert not problems, "the dashboard or alerts would show no data:\n" + "\n".join(problems)
-    assert pending_missing <= set(PENDING)
-    appeared = set(PENDING) - pending_missing
-    if appeared:
-        warnings.warn(f"now exported, remove from PENDING in {Path(__file__).name}: {sorted(appeared)}")
 
 
 def test_the_test_call_was_seen_by_prometheus(scrape):

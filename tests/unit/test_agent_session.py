@@ -175,6 +175,43 @@ def test_barge_in_flushes_at_once_when_speech_stops_abruptly():
     asyncio.run(main())
 
 
+def test_time_to_first_audio_runs_from_the_callers_last_speech_to_the_reply_playing():
+    async def main():
+        manager, registry = make_manager("omniflatten")
+        await manager.start()
+        sink = RecordingSink()
+        session = await manager.admit(info(4), sink)
+        await session.answered()
+        latencies = []
+        session.on_event(lambda kind, data: kind == "latency" and latencies.append(data))
+        agent_session = session._agent
+        pcm = np.zeros(4410, np.float32)  # 200 ms at the decoder's rate
+
+        def play(codes):
+            agent_session._play(ChunkResult((), tuple(codes), (), 10), np.array(codes), pcm, 0.0)
+
+        def first_audio(stat):
+            return registry.get_sample_value(f"duplexline_agent_first_audio_seconds_{stat}", {"transport": "sip"})
+
+        assert first_audio("count") == 0  # the series exists before any call spoke
+        play([-1] * 10)  # listening: 200 ms of silence queued
+        session.feed(tone(440, 0.02))  # the caller speaks
+        session.feed(np.zeros(320, np.int16))  # ... and stops: quiet frames do not move the mark
+        play([5] * 10)  # the reply: it plays after the 200 ms queued ahead of it
+        assert first_audio("count") == 1
+        assert 0.2 <= first_audio("sum") < 0.2 + 0.5
+        assert latencies[-1]["first_audio_ms"] == pytest.approx(first_audio("sum") * 1000, abs=0.1)
+        play([6] * 10)  # still the same reply: not a new first audio
+        play([-1] * 10)
+        play([7] * 10)  # the assistant speaks again without the caller having spoken
+        assert first_audio("count") == 1
+        assert "first_audio_ms" not in latencies[-1]
+        await session.end("remote-hangup")
+        await manager.close()
+
+    asyncio.run(main())
+
+
 def test_full_engine_refuses_with_486_and_drain_with_503():
     async def main():
         manager, registry = make_manager("omniflatten", slots=1)
