@@ -222,3 +222,12 @@ def test_the_dockerfile_builds_both_variants_from_one_argument():
     assert 'ENTRYPOINT ["duplexline"]' in text and 'CMD ["serve"]' in text
     assert re.search(r"^USER duplexline$", text, re.M), "runs unprivileged"
     assert "duplexline serve --help" in text, "the build proves the installed command starts"
+
+
+def test_the_readme_documents_every_variable_the_compose_file_reads():
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", (REPO / "docker-compose.yml").read_text()))
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Deployment"):]
+    table = {m for m in re.findall(r"^\| `([A-Z_][A-Z0-9_]*)` \|", section, re.M)}
+    assert used, "the compose file reads no variables: the pattern is wrong"
+    assert used - table == set(), f"README's deployment table lacks {sorted(used - table)}"

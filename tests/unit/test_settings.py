@@ -9,7 +9,7 @@ import pytest
 
 from bridge.errors import ConfigError
 from bridge.options import HostPort
-from bridge.settings import OPTIONS, Settings, add_serve_arguments, settings_from
+from bridge.settings import OPTIONS, add_serve_arguments, settings_from
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
