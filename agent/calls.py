@@ -17,6 +17,7 @@ from .agents import Agent
 from .call import AudioSink, CallInfo, CallRefused
 from .errors import DuplicateCall
 from .metrics import AgentMetrics
+from .once import Once
 from .session import CallSession
 from .store import CallRecord, CallState, SessionStore, keep_leases
 
@@ -38,7 +39,7 @@ class CallManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lease_task: asyncio.Task | None = None
-        self._closing: asyncio.Task | None = None
+        self._closing = Once()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -69,9 +70,7 @@ class CallManager:
                                  return_exceptions=True)
 
     async def close(self) -> None:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        await self._closing.run(self._close)
 
     async def _close(self) -> None:
         self.draining = True

@@ -20,6 +20,7 @@ from .agents import AgentSession
 from .call import FRAME_SAMPLES, CallInfo
 from .errors import StaleSession
 from .metrics import AgentMetrics
+from .once import Once
 from .store import CallEvent, CallState, SessionStore
 
 __all__ = ["CallSession"]
@@ -48,7 +49,7 @@ class CallSession:
         self._listeners: list[EventListener] = []
         self._hangup: HangupHandler | None = None
         self._clock0: float | None = None
-        self._ending: asyncio.Future | None = None
+        self._ending = Once()
         self._bg: set[asyncio.Task] = set()
 
     # ---- wiring (the manager and the transport) ------------------------------------------
@@ -138,9 +139,7 @@ class CallSession:
 
     async def end(self, reason: str) -> None:
         """End the call (idempotent; concurrent callers await the same end)."""
-        if self._ending is None:
-            self._ending = asyncio.get_running_loop().create_task(self._end(reason))
-        await asyncio.shield(self._ending)
+        await self._ending.run(lambda: self._end(reason))
 
     async def _end(self, reason: str) -> None:
         self.end_reason = reason

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, ClassVar, Iterable
 
 from .errors import InvalidConfig, StoreClosed, StoreUnavailable
+from .once import Once
 
 __all__ = [
     "Transport",
@@ -244,13 +245,13 @@ class SessionStore(ABC):
         self.errors_total = 0
         self.outages_total = 0
         self._started = False
-        self._closing: asyncio.Task[None] | None = None
+        self._closing = Once()
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect. StoreUnavailable if the backend cannot be reached (nothing started)."""
-        if self._closing is not None:
+        if self._closing.started:
             raise StoreClosed(f"{self.name} store was closed")
         if not self._started:
             await self._start()
@@ -258,9 +259,7 @@ class SessionStore(ABC):
 
     async def close(self) -> None:
         """Stop background work, flush what can be flushed, release connections."""
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        await self._closing.run(self._close)
 
     async def __aenter__(self) -> "SessionStore":
         await self.start()
@@ -270,7 +269,7 @@ class SessionStore(ABC):
         await self.close()
 
     def _check_open(self) -> None:
-        if self._closing is not None:
+        if self._closing.started:
             raise StoreClosed(f"{self.name} store was closed")
         if not self._started:
             raise RuntimeError(f"{self.name} store not started: await start() or use async with")

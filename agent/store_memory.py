@@ -47,7 +47,7 @@ class MemoryStore(SessionStore):
 
     @property
     def available(self) -> bool:
-        return self._started and self._closing is None
+        return self._started and not self._closing.started
 
     async def ping(self) -> bool:
         return self.available

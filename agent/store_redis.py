@@ -198,10 +198,10 @@ class RedisStore(SessionStore):
 
     @property
     def available(self) -> bool:
-        return self._started and self._closing is None and not self._down
+        return self._started and not self._closing.started and not self._down
 
     async def ping(self) -> bool:
-        if not self._started or self._closing is not None:
+        if not self._started or self._closing.started:
             return False
         try:
             await self._io(self._redis.ping())
@@ -238,7 +238,7 @@ class RedisStore(SessionStore):
         """Health checks while up; reconnect and rewrite while down, until closed."""
         first = min(0.05, self.config.health_interval)
         delay = first
-        while self._closing is None:  # also stops a watcher whose cancel got lost
+        while not self._closing.started:  # also stops a watcher whose cancel got lost
             if self._down:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.health_interval)

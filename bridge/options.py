@@ -5,11 +5,15 @@ with a message the settings builder turns into a ConfigError naming the flag."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ENV_PREFIX", "HostPort", "Option", "choice", "redis_url", "existing_path", "positive_int", "seconds"]
+from .errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "HostPort", "Option", "choice", "redis_url", "existing_path", "positive_int", "seconds",
+           "json_entries"]
 
 ENV_PREFIX = "DUPLEXLINE_"
 
@@ -75,6 +79,19 @@ def existing_path(text: str) -> Path:
     if not path.exists():
         raise ValueError(f"{path} does not exist")
     return path
+
+
+def json_entries(option: str, path: Path, key: str, shape: str, bare_list: bool = False) -> list:
+    """The list under `key` of a JSON settings file (or the file's whole list, when
+    `bare_list`). ConfigError names the option, the file and what was expected (`shape`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(option, str(path), f"cannot read JSON: {exc}") from None
+    items = data.get(key) if isinstance(data, dict) else (data if bare_list else None)
+    if not isinstance(items, list):
+        raise ConfigError(option, str(path), f"expected {shape}")
+    return items
 
 
 @dataclass(frozen=True)

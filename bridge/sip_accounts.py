@@ -18,13 +18,13 @@ again after a backoff that doubles from 1 s to 60 s. `describe()` feeds /readyz 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .options import json_entries
 from .sip_adapter import AccountSpec, RegisterFailed, StackAccount
 from .sip_metrics import SipMetrics
 
@@ -45,13 +45,7 @@ class AccountEntry:
 
 def load_accounts(path: Path, codecs: tuple[str, ...]) -> list[AccountEntry]:
     """Raises ConfigError naming the file and the entry that is wrong."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("sip_accounts", str(path), f"cannot read JSON: {exc}") from None
-    items = data.get("accounts") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise ConfigError("sip_accounts", str(path), 'expected a list or {"accounts": [...]}')
+    items = json_entries("sip_accounts", path, "accounts", 'a list or {"accounts": [...]}', bare_list=True)
     out: list[AccountEntry] = []
     names: set[str] = set()
     for i, item in enumerate(items):

@@ -24,7 +24,6 @@ Facts about the binding this relies on (checked against its source and on this m
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Callable
 
 import baresip
 from baresip import Account, Config, Event, Runtime, StackEvent, UserAgent
+
+from agent.once import Once
 
 from .errors import BridgeError
 
@@ -180,7 +181,7 @@ class Stack:
 
     def __init__(self) -> None:
         self._runtime: Runtime | None = None
-        self._closing: asyncio.Task | None = None
+        self._closing = Once()
 
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
                     log_level: str = "warning") -> None:
@@ -200,9 +201,7 @@ class Stack:
     async def close(self) -> None:
         if self._runtime is None:
             return
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        await self._closing.run(self._close)
 
     async def _close(self) -> None:
         try:

@@ -29,6 +29,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from agent.call import CallInfo, CallRefused
+from agent.once import Once
 from agent.store import Transport
 
 from .errors import BridgeError, ConfigError
@@ -86,7 +87,7 @@ class SipLeg:
         self._inbound: StackAccount | None = None
         self._calls: dict[str, SipCall] = {}
         self._key = os.urandom(8).hex()  # proves a forwarded INVITE came through our front
-        self._closing: asyncio.Task | None = None
+        self._closing = Once()
         self._bg: set[asyncio.Task] = set()
         self.siblings: Siblings | None = None
         self._publisher: asyncio.Task | None = None
@@ -147,9 +148,7 @@ class SipLeg:
         self.draining = True
 
     async def close(self) -> None:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        await self._closing.run(self._close)
 
     async def _close(self) -> None:
         self.draining = True

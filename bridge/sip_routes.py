@@ -17,11 +17,11 @@ route naming another agent is a configuration error at start, not a surprise mid
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .options import json_entries
 
 __all__ = ["Route", "RouteTable"]
 
@@ -48,13 +48,7 @@ class RouteTable:
     @classmethod
     def load(cls, path: Path, served_agent: str) -> "RouteTable":
         """Raises ConfigError naming the file and the entry that is wrong."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError("sip_routes", str(path), f"cannot read JSON: {exc}") from None
-        items = data.get("routes") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise ConfigError("sip_routes", str(path), 'expected {"routes": [{"match": ..., "agent": ...}]}')
+        items = json_entries("sip_routes", path, "routes", '{"routes": [{"match": ..., "agent": ...}]}')
         routes: list[Route] = []
         seen: set[str] = set()
         for i, item in enumerate(items):

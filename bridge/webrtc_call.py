@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from agent.once import Once
 from agent.session import CallSession
 
 from .line_audio import LineAudio
@@ -68,7 +69,7 @@ class WebRtcCall:
         self._metrics = metrics
         self._on_ended = on_ended
         self._connect_timeout = connect_timeout
-        self._ending: asyncio.Task | None = None
+        self._ending = Once()
         self._timer: asyncio.TimerHandle | None = None
         self._bg: set[asyncio.Task] = set()
         self.peer = make_peer(on_audio=self._audio_in, pull_audio=self._audio_out,
@@ -158,9 +159,7 @@ class WebRtcCall:
     # ---- the end ----------------------------------------------------------------------
 
     async def end(self, reason: str) -> None:
-        if self._ending is None:
-            self._ending = asyncio.get_running_loop().create_task(self._end(reason))
-        await asyncio.shield(self._ending)
+        await self._ending.run(lambda: self._end(reason))
 
     async def _end(self, reason: str) -> None:
         self.end_reason = reason

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.call import CallInfo, CallRefused
 from agent.calls import CallManager
+from agent.once import Once
 from agent.store import Transport
 
 from .line_audio import LineAudio
@@ -68,7 +69,7 @@ class WebRtcLeg:
         self.draining = False
         self.calls: dict[str, WebRtcCall] = {}
         self._opening = 0  # offers past the limit check, not yet in `calls`
-        self._closing: asyncio.Task | None = None
+        self._closing = Once()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -78,9 +79,7 @@ class WebRtcLeg:
         self.draining = True
 
     async def close(self) -> None:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        await self._closing.run(self._close)
 
     async def _close(self) -> None:
         self.draining = True
@@ -95,7 +94,7 @@ class WebRtcLeg:
 
     async def open_call(self, offer: Offer, remote: str, local: str = "") -> tuple[str, str]:
         """(call id, answer SDP), or OfferRejected with nothing left behind."""
-        if self.draining or self._closing is not None:
+        if self.draining or self._closing.started:
             raise OfferRejected(503, "draining", "the bridge is shutting down; call again in a moment",
                                 retry_after=30)
         if len(self.calls) + self._opening >= self.settings.max_calls:

@@ -47,6 +47,8 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
+from agent.once import Once
+
 from .webrtc_config import IceServer
 from .webrtc_errors import PeerFailed
 from .webrtc_sdp import announce_public_address
@@ -337,7 +339,7 @@ class WebRtcPeer:
         self._track = _PacedTrack(pull_audio, self.stats, encode=fast)
         self._channel = None
         self._reader: asyncio.Task | None = None
-        self._closing: asyncio.Task | None = None
+        self._closing = Once()
         self._pc.on("connectionstatechange", self._state_changed)
         self._pc.on("datachannel", self._datachannel)
         self._pc.on("track", self._remote_track)
@@ -382,9 +384,7 @@ class WebRtcPeer:
 
     async def close(self) -> None:
         """Close the peer connection (idempotent; concurrent callers share one close)."""
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        await self._closing.run(self._close)
 
     async def _close(self) -> None:
         if self._reader is not None:

@@ -47,12 +47,19 @@ def http_json(method: str, url: str, token: str | None = None, body: dict | None
 
 
 class ServeProcess:
-    def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None) -> None:
+    """`duplexline serve ARGS` on free ports (or the `sip_port` given). The caller's own
+    DUPLEXLINE_* variables are left out (they would change what is tested); `env` adds to
+    the rest. `token` becomes --admin-token and goes with `post()`."""
+
+    def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None,
+                 sip_port: int | None = None, token: str | None = None) -> None:
         self.http_port = free_port()
-        self.sip_port = free_port(socket.SOCK_DGRAM)
+        self.sip_port = sip_port or free_port(socket.SOCK_DGRAM)
+        self.token = token
         self.args = ["serve", "--http-listen", f"127.0.0.1:{self.http_port}",
-                     "--sip-listen", f"127.0.0.1:{self.sip_port}", *args]
-        self.env = {**os.environ, **(env or {})}
+                     "--sip-listen", f"127.0.0.1:{self.sip_port}", *(["--admin-token", token] if token else []), *args]
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEXLINE_")}
+        self.env = {**inherited, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
@@ -62,8 +69,10 @@ class ServeProcess:
 
     def start(self, timeout: float = 90.0) -> "ServeProcess":
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(DUPLEXLINE + self.args, cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen(DUPLEXLINE + self.args, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT)
+        if self.log_path:
+            out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -71,6 +80,7 @@ class ServeProcess:
             try:
                 status, _ = http_json("GET", self.url + "/healthz", timeout=1)
                 if status == 200:
+                    self.wait_ready(deadline)
                     return self
             except OSError:
                 pass
@@ -78,8 +88,20 @@ class ServeProcess:
         self.kill()
         raise TimeoutError(f"duplexline serve not up within {timeout} s: {self.log()}")
 
+    def wait_ready(self, deadline: float) -> None:
+        """More readiness than /healthz, for subclasses that need it (by `deadline`)."""
+
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path and self.log_path.exists() else ""
+
+    def get(self, path: str) -> tuple[int, dict]:
+        return http_json("GET", self.url + path)
+
+    def post(self, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
+        return http_json("POST", self.url + path, token=self.token, body=body, timeout=timeout)
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1]["raw"]
 
     def terminate(self, timeout: float = 30.0) -> int:
         assert self.proc is not None

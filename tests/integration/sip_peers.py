@@ -21,10 +21,8 @@ import json
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import wave
@@ -34,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.serve_process import REPO, free_port, http_json
+from tests.integration.serve_process import ServeProcess, free_port
 
 __all__ = ["BaresipPeer", "require_baresip", "tone_sweep_wav", "read_wav", "tone_runs", "compare_tones",
            "TONES", "sip_request", "wait_sip_ready", "RawPhone", "Responder", "Registrar", "BridgeProcess", "free_sip_port",
@@ -447,7 +445,44 @@ def sip_request(port: int, *, method: str = "INVITE", user: str = "bot", sock: s
             sock.close()
 
 
-class RawPhone:
+class _UdpAgent:
+    """A small SIP user agent on one UDP socket on 127.0.0.1: a reader thread hands each
+    datagram to `handle(data, addr)`; the socket is closed and the thread joined on exit."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            self.handle(data, addr)
+
+    def handle(self, data: bytes, addr) -> None:
+        raise NotImplementedError
+
+    def _send(self, lines: list[str], addr, body: str = "") -> None:
+        lines = lines + [f"Content-Length: {len(body)}"]
+        self.sock.sendto(("\r\n".join(lines) + "\r\n\r\n" + body).encode(), addr)
+
+
+class RawPhone(_UdpAgent):
     """A minimal UDP user agent on ONE socket that places many calls: INVITE (SDP pointing
     at the discard port), ACK the 200 to its Contact, BYE later; requests from the far end
     (the stack's re-INVITE, BYE) are answered 200 by a reader thread. For tests that need
@@ -457,27 +492,10 @@ class RawPhone:
             "m=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n")
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.lport = self.sock.getsockname()[1]
+        super().__init__()
+        self.lport, self.port = self.port, port  # our socket's port; the bridge's SIP port
         self.tag = os.urandom(4).hex()
         self._replies: dict[str, queue.Queue] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "RawPhone":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-    def _send(self, lines: list[str], body: str, dest: tuple[str, int]) -> None:
-        lines = lines + [f"Content-Length: {len(body)}"]
-        self.sock.sendto(("\r\n".join(lines) + "\r\n\r\n" + body).encode(), dest)
 
     def _request(self, method: str, uri: str, call_id: str, cseq: int, to: str) -> list[str]:
         return [f"{method} {uri} SIP/2.0",
@@ -485,30 +503,24 @@ class RawPhone:
                 "Max-Forwards: 70", f"From: <sip:raw@127.0.0.1:{self.lport}>;tag={self.tag}", f"To: {to}",
                 f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", f"Contact: <sip:raw@127.0.0.1:{self.lport}>"]
 
-    def _run(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except OSError:
-                continue
-            text = data.decode(errors="replace")
-            first = text.split("\r\n", 1)[0]
-            if first.startswith("SIP/2.0 "):
-                reply = _parse_reply(data)
-                q = self._replies.get(reply.headers.get("call-id", ""))
-                if q is not None:
-                    q.put(reply)
-                continue
-            method = first.split(" ", 1)[0]
-            if method == "ACK":
-                continue
-            lines = text.split("\r\n\r\n", 1)[0].split("\r\n")[1:]
-            keep = [h for h in lines if h.lower().split(":", 1)[0] in ("via", "from", "to", "call-id", "cseq")]
-            body = self._SDP if method == "INVITE" else ""
-            extra = [f"Contact: <sip:raw@127.0.0.1:{self.lport}>"] + (
-                ["Content-Type: application/sdp"] if body else [])
-            self._send(["SIP/2.0 200 OK", *keep, *extra], body, addr)
+    def handle(self, data: bytes, addr) -> None:
+        text = data.decode(errors="replace")
+        first = text.split("\r\n", 1)[0]
+        if first.startswith("SIP/2.0 "):
+            reply = _parse_reply(data)
+            q = self._replies.get(reply.headers.get("call-id", ""))
+            if q is not None:
+                q.put(reply)
+            return
+        method = first.split(" ", 1)[0]
+        if method == "ACK":
+            return
+        lines = text.split("\r\n\r\n", 1)[0].split("\r\n")[1:]
+        keep = [h for h in lines if h.lower().split(":", 1)[0] in ("via", "from", "to", "call-id", "cseq")]
+        body = self._SDP if method == "INVITE" else ""
+        extra = [f"Contact: <sip:raw@127.0.0.1:{self.lport}>"] + (
+            ["Content-Type: application/sdp"] if body else [])
+        self._send(["SIP/2.0 200 OK", *keep, *extra], addr, body)
 
     def call(self, user: str = "bot", timeout: float = 10.0) -> dict:
         """Returns the dialog ({"status": 200, ...}) or {"status": N} when refused."""
@@ -517,7 +529,7 @@ class RawPhone:
         self._replies[call_id] = q
         uri = f"sip:{user}@127.0.0.1:{self.port}"
         self._send(self._request("INVITE", uri, call_id, 1, f"<{uri}>") + ["Content-Type: application/sdp"],
-                   self._SDP, ("127.0.0.1", self.port))
+                   ("127.0.0.1", self.port), self._SDP)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -532,11 +544,11 @@ class RawPhone:
             host, _, port = contact.split("@", 1)[-1].split(";", 1)[0].partition(":")
             dialog = {"status": 200, "call_id": call_id, "to": reply.headers.get("to", ""), "uri": contact,
                       "dest": (host, int(port or 5060))}
-            self._send(self._request("ACK", contact, call_id, 1, dialog["to"]), "", dialog["dest"])
+            self._send(self._request("ACK", contact, call_id, 1, dialog["to"]), dialog["dest"])
             return dialog
 
     def bye(self, dialog: dict) -> None:
-        self._send(self._request("BYE", dialog["uri"], dialog["call_id"], 2, dialog["to"]), "", dialog["dest"])
+        self._send(self._request("BYE", dialog["uri"], dialog["call_id"], 2, dialog["to"]), dialog["dest"])
 
 
 def wait_sip_ready(port: int, timeout: float = 30.0) -> None:
@@ -552,126 +564,83 @@ def wait_sip_ready(port: int, timeout: float = 30.0) -> None:
             raise TimeoutError(f"no SIP on 127.0.0.1:{port} within {timeout} s")
 
 
-class Responder:
+class Responder(_UdpAgent):
     """A UDP user agent that answers every INVITE with `status` (486 busy, 603 declined),
     or with 180 Ringing forever (`status=None`: nobody picks up; CANCEL gets 200 + 487)."""
 
     def __init__(self, status: int | None, reason: str = "") -> None:
         self.status = status
         self.reason = reason or {486: "Busy Here", 603: "Decline"}.get(status or 0, "")
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
+        super().__init__()
         self.invites = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def uri(self) -> str:
         return f"sip:carol@127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Responder":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self.sock.close()
-        self._thread.join(timeout=5)
 
     def _reply(self, req: list[str], status: int, reason: str, addr) -> None:
         keep = [h for h in req[1:] if h.lower().split(":", 1)[0] in ("via", "from", "call-id", "cseq")]
         to = next((h for h in req[1:] if h.lower().startswith("to:")), "To: <sip:carol@127.0.0.1>")
         if ";tag=" not in to:
             to += ";tag=resp1"
-        msg = [f"SIP/2.0 {status} {reason}", *keep, to, "Content-Length: 0"]
-        self.sock.sendto(("\r\n".join(msg) + "\r\n\r\n").encode(), addr)
+        self._send([f"SIP/2.0 {status} {reason}", *keep, to], addr)
 
-    def _run(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except OSError:
-                continue
-            lines = data.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
-            method = lines[0].split(" ", 1)[0]
-            if method == "INVITE":
-                self.invites += 1
-                self._reply(lines, 100, "Trying", addr)
-                if self.status is None:
-                    self._reply(lines, 180, "Ringing", addr)
-                else:
-                    self._reply(lines, self.status, self.reason, addr)
-            elif method == "CANCEL":
-                self._reply(lines, 200, "OK", addr)
-                invite = [h.replace("CANCEL", "INVITE") if h.lower().startswith("cseq") else h for h in lines]
-                self._reply(invite, 487, "Request Terminated", addr)
+    def handle(self, data: bytes, addr) -> None:
+        lines = data.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
+        method = lines[0].split(" ", 1)[0]
+        if method == "INVITE":
+            self.invites += 1
+            self._reply(lines, 100, "Trying", addr)
+            if self.status is None:
+                self._reply(lines, 180, "Ringing", addr)
+            else:
+                self._reply(lines, self.status, self.reason, addr)
+        elif method == "CANCEL":
+            self._reply(lines, 200, "OK", addr)
+            invite = [h.replace("CANCEL", "INVITE") if h.lower().startswith("cseq") else h for h in lines]
+            self._reply(invite, 487, "Request Terminated", addr)
 
 
-class Registrar:
+class Registrar(_UdpAgent):
     """A registrar that demands digest auth (MD5, qop=auth) for one user and password."""
 
     def __init__(self, user: str, password: str, realm: str = "test.invalid") -> None:
         self.user, self.password, self.realm = user, password, realm
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
+        super().__init__()
         self.registered: list[str] = []  # Contact of each accepted REGISTER
         self.rejected = 0
         self.challenges = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Registrar":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self.sock.close()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except OSError:
-                continue
-            head = data.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
-            if not head[0].startswith("REGISTER "):
-                continue
-            headers: dict[str, str] = {}
-            for line in head[1:]:
-                k, _, v = line.partition(":")
-                headers.setdefault(k.strip().lower(), v.strip())
-            keep = [line for line in head[1:] if line.lower().split(":", 1)[0] in ("via", "from", "call-id", "cseq", "v", "f", "i")]
-            to = next((line for line in head[1:] if line.lower().startswith(("to:", "t:"))), "To: <sip:x@x>")
-            to += ";tag=reg1" if ";tag=" not in to else ""
-            auth = headers.get("authorization", "")
-            if not auth:
-                self.challenges += 1
-                nonce = os.urandom(8).hex()
-                extra = [f'WWW-Authenticate: Digest realm="{self.realm}", nonce="{nonce}", algorithm=MD5, qop="auth"']
-                self._send(["SIP/2.0 401 Unauthorized", *keep, to, *extra, "Content-Length: 0"], addr)
-                continue
-            p = dict(_kv(auth[7:]))
-            ha1 = hashlib.md5(f"{self.user}:{self.realm}:{self.password}".encode()).hexdigest()
-            ha2 = hashlib.md5(f"REGISTER:{p.get('uri', '')}".encode()).hexdigest()
-            want = hashlib.md5(f"{ha1}:{p.get('nonce')}:{p.get('nc')}:{p.get('cnonce')}:{p.get('qop')}:{ha2}"
-                               .encode()).hexdigest()
-            if p.get("username") == self.user and p.get("response") == want:
-                contact = headers.get("contact", headers.get("m", ""))
-                self.registered.append(contact)
-                self._send(["SIP/2.0 200 OK", *keep, to, f"Contact: {contact};expires=600",
-                            "Content-Length: 0"], addr)
-            else:
-                self.rejected += 1
-                self._send(["SIP/2.0 403 Forbidden", *keep, to, "Content-Length: 0"], addr)
-
-    def _send(self, lines: list[str], addr) -> None:
-        self.sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), addr)
+    def handle(self, data: bytes, addr) -> None:
+        head = data.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
+        if not head[0].startswith("REGISTER "):
+            return
+        headers: dict[str, str] = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            headers.setdefault(k.strip().lower(), v.strip())
+        keep = [line for line in head[1:] if line.lower().split(":", 1)[0] in ("via", "from", "call-id", "cseq", "v", "f", "i")]
+        to = next((line for line in head[1:] if line.lower().startswith(("to:", "t:"))), "To: <sip:x@x>")
+        to += ";tag=reg1" if ";tag=" not in to else ""
+        auth = headers.get("authorization", "")
+        if not auth:
+            self.challenges += 1
+            nonce = os.urandom(8).hex()
+            extra = [f'WWW-Authenticate: Digest realm="{self.realm}", nonce="{nonce}", algorithm=MD5, qop="auth"']
+            self._send(["SIP/2.0 401 Unauthorized", *keep, to, *extra], addr)
+            return
+        p = dict(_kv(auth[7:]))
+        ha1 = hashlib.md5(f"{self.user}:{self.realm}:{self.password}".encode()).hexdigest()
+        ha2 = hashlib.md5(f"REGISTER:{p.get('uri', '')}".encode()).hexdigest()
+        want = hashlib.md5(f"{ha1}:{p.get('nonce')}:{p.get('nc')}:{p.get('cnonce')}:{p.get('qop')}:{ha2}"
+                           .encode()).hexdigest()
+        if p.get("username") == self.user and p.get("response") == want:
+            contact = headers.get("contact", headers.get("m", ""))
+            self.registered.append(contact)
+            self._send(["SIP/2.0 200 OK", *keep, to, f"Contact: {contact};expires=600"], addr)
+        else:
+            self.rejected += 1
+            self._send(["SIP/2.0 403 Forbidden", *keep, to], addr)
 
 
 def _kv(text: str):
@@ -683,72 +652,15 @@ def _kv(text: str):
 # ---- the bridge ----------------------------------------------------------------------------------
 
 
-class BridgeProcess:
-    """`duplexline serve` on free ports; ready once /healthz answers and SIP answers OPTIONS;
-    SIGTERM to stop, SIGKILL by PID at teardown."""
+class BridgeProcess(ServeProcess):
+    """`duplexline serve` on free ports, its log in `workdir`; ready once /healthz answers
+    and SIP answers OPTIONS; SIGTERM to stop, SIGKILL by PID at teardown."""
 
     def __init__(self, *args: str, workdir: Path, token: str | None = None,
                  sip_port: int | None = None) -> None:
-        self.http_port = free_port()
-        self.sip_port = sip_port or free_sip_port()
-        self.token = token
-        base = ["--http-listen", f"127.0.0.1:{self.http_port}", "--sip-listen", f"127.0.0.1:{self.sip_port}"]
-        if token:
-            base += ["--admin-token", token]
-        self.cmd = [sys.executable, "-m", "bridge.cli", "serve", *base, *args]
-        self.log_path = workdir / f"bridge-{self.sip_port}-{self.http_port}.log"
-        self.proc: subprocess.Popen | None = None
+        sip_port = sip_port or free_sip_port()
+        super().__init__(*args, sip_port=sip_port, token=token,
+                         log_path=workdir / f"bridge-{sip_port}-{os.getpid()}-{next(_rtp_block)}.log")
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self, timeout: float = 90.0) -> "BridgeProcess":
-        log = self.log_path.open("wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEXLINE_")}
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bridge exited with {self.proc.returncode}: {self.log()}")
-            try:
-                if http_json("GET", self.url + "/healthz", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"bridge not up within {timeout} s: {self.log()}")
-            time.sleep(0.1)  # polling a starting process
+    def wait_ready(self, deadline: float) -> None:
         wait_sip_ready(self.sip_port, timeout=max(1.0, deadline - time.monotonic()))
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
-
-    def get(self, path: str) -> tuple[int, dict]:
-        return http_json("GET", self.url + path)
-
-    def post(self, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
-        return http_json("POST", self.url + path, token=self.token, body=body, timeout=timeout)
-
-    def metrics(self) -> str:
-        return self.get("/metrics")[1]["raw"]
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def __enter__(self) -> "BridgeProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()

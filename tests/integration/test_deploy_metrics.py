@@ -19,8 +19,10 @@ rest.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -182,8 +184,19 @@ def _scraped(prom: PrometheusProcess) -> tuple[dict[str, set[str]], dict[tuple[s
     return labels, values, jobs
 
 
-def _rules_seen(prom: PrometheusProcess) -> dict[str, dict] | None:
-    rules = {r["name"]: r for g in prom.api("/api/v1/rules")["groups"] for r in g["rules"]}
+def _timestamp(rfc3339: str) -> float:
+    """Prometheus's RFC 3339 times carry nanoseconds; datetime takes microseconds."""
+    text = re.sub(r"(\.\d{6})\d+", r"\1", rfc3339).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def _rules_seen(prom: PrometheusProcess, after: float) -> dict[str, dict] | None:
+    """Every rule, once each group was evaluated after `after` (when both targets had been
+    scraped): an evaluation before the first scrape sees no `up` series at all."""
+    groups = prom.api("/api/v1/rules")["groups"]
+    if not all(_timestamp(g.get("lastEvaluation", "0001-01-01T00:00:00Z")) > after for g in groups):
+        return None
+    rules = {r["name"]: r for g in groups for r in g["rules"]}
     evaluated = all(r["health"] != "unknown" for r in rules.values())
     registration = rules.get("DuplexlineSipRegistrationDown", {}).get("state", "inactive") != "inactive"
     return rules if evaluated and registration else None
@@ -220,8 +233,9 @@ def scrape(tmp_path_factory):
         with PrometheusProcess(config, tmp / "prometheus") as prom:
             prom.wait_for(lambda: sum(t["health"] == "up" for t in prom.targets()) == 2, 30,
                           "both duplexline targets scraped and up")
+            scraped_at = time.time()
             # Rules evaluated on scraped data: the test account's alert is pending by then.
-            rules_before_call = prom.wait_for(lambda: _rules_seen(prom), 20,
+            rules_before_call = prom.wait_for(lambda: _rules_seen(prom, scraped_at), 20,
                                               "every alert rule evaluated, DuplexlineSipRegistrationDown "
                                               "pending for the test account")
             with BaresipPeer(tmp, user="caller") as peer:

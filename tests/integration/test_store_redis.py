@@ -21,27 +21,11 @@ from agent.errors import StaleSession, StoreUnavailable
 from agent.store import (ENDED_EVENT, LEASE_EXPIRED, CallEvent, CallRecord, CallState,
                          StoreConfig, Transport)
 from agent.store_redis import RedisStore
+from tests.integration.aio import eventually, run
 
 FAST = StoreConfig(lease_ttl=0.6, renew_interval=0.2, retention=60.0, events_maxlen=50,
                    op_timeout=0.5, health_interval=0.1, key_prefix="t:")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(coro, timeout: float = 20.0):
-    """Run one test's coroutine with a bound on the whole of it."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def eventually(check, timeout: float = 5.0, interval: float = 0.02):
-    """Poll the async `check()` until it returns something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 def rec(call_id: str, **fields) -> CallRecord:
