@@ -94,7 +94,7 @@ class _EchoSession(AgentSession):
 
     def feed(self, frame: np.ndarray) -> None:
         if not self._hold:
-            self._sink.play(frame.astype(np.float32) * (1.0 / 32768.0), FRAME_RATE)
+            self._sink.play(frame, FRAME_RATE)  # int16 as it came: the sink takes PCM16 too
 
     def set_hold(self, on: bool) -> None:
         self._hold = on

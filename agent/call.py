@@ -39,7 +39,8 @@ class AudioSink(Protocol):
     """The bridge's side of playout (bridge/media: resampler + playout buffer)."""
 
     def play(self, pcm: np.ndarray, rate: int) -> None:
-        """Queue float32 mono samples in [-1, 1] at `rate` Hz; never blocks."""
+        """Queue mono samples at `rate` Hz, float32 in [-1, 1] or int16 PCM (what the echo
+        agent plays: the caller's own frames, no conversion round trip); never blocks."""
 
     def flush(self) -> float:
         """Drop everything the caller has not heard yet; return the milliseconds dropped."""
