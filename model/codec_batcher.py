@@ -11,41 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 
 import numpy as np
 
 from .codec import SpeechTokenizer, TokenizerStream
 from .futures import fail, resolve
+from .worker_thread import WorkerThread
 
 __all__ = ["TokenizerBatcher"]
 
 log = logging.getLogger(__name__)
 
 
-class TokenizerBatcher:
+class TokenizerBatcher(WorkerThread):
     def __init__(self, tokenizer: SpeechTokenizer, max_batch: int = 256) -> None:
+        super().__init__("duplexline-tokenizer")
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self._cv = threading.Condition()
         self._queue: list[tuple[TokenizerStream, np.ndarray, asyncio.Future, asyncio.AbstractEventLoop]] = []
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.batches = 0
 
     def start(self) -> "TokenizerBatcher":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="duplexline-tokenizer", daemon=True)
-            self._thread.start()
+        self._start_thread()
         return self
-
-    def close(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
 
     async def push(self, stream: TokenizerStream, pcm: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()

@@ -26,7 +26,6 @@ import asyncio
 import collections
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -39,6 +38,7 @@ from .engine_metrics import EngineMetrics
 from .errors import EngineFull, StaleSession
 from .futures import fail, resolve
 from .omniflatten import BatchStepper, ChunkResult, OmniFlatten
+from .worker_thread import WorkerThread
 
 __all__ = ["Engine", "EngineSession", "EngineStats"]
 
@@ -88,13 +88,16 @@ class EngineSession:
             self._engine._close(self.id)
 
 
-class Engine:
+class Engine(WorkerThread):
+    """close() (WorkerThread's) stops the thread; pending chunks fail with StaleSession."""
+
     def __init__(self, model: OmniFlatten, slots: int, *, registry: CollectorRegistry | None = None,
                  headroom: float = 0.8, max_backlog: int = 2) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if not 0 < headroom <= 1:
             raise ValueError("headroom must be in (0, 1]")
+        super().__init__("duplexline-engine")
         self.model = model
         self.period = model.config.chunk_seconds
         self.headroom = headroom
@@ -103,13 +106,10 @@ class Engine:
         self.metrics = EngineMetrics(registry)
         self.metrics.slots_total.set(slots)
         self.metrics.chunk_period.set(self.period)
-        self._cv = threading.Condition()
         self._sessions: dict[int, _SessionState] = {}
         self._commands: list[tuple[str, int]] = []
         self._next_id = 1
         self._draining = False
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._step_time: dict[int, float] = {}  # batch-size bucket -> EWMA of step seconds
         self._steps = self._missed = self._dropped = 0
         self._silence = self._silent_result()
@@ -117,28 +117,16 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> "Engine":
-        if self._thread is None:
-            per_slot = self._stepper.cache.bytes_per_slot
+        if self._start_thread():
             log.info("engine: %d slots on %s (%s), %.1f MiB of KV cache per slot, chunk period %.0f ms",
                      self._stepper.slots, self.model.device, self.model.config.dtype,
-                     per_slot / 2**20, self.period * 1000)
-            self._thread = threading.Thread(target=self._run, name="duplexline-engine", daemon=True)
-            self._thread.start()
+                     self._stepper.cache.bytes_per_slot / 2**20, self.period * 1000)
         return self
 
     def drain(self) -> None:
         """Refuse new sessions from now on; open ones go on."""
         with self._cv:
             self._draining = True
-
-    def close(self) -> None:
-        """Stop the thread; pending chunks fail with StaleSession. Idempotent."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
 
     @property
     def slots(self) -> int:
