@@ -214,3 +214,4 @@ def _request(method: str, url: str, body, headers: dict, timeout: float) -> tupl
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
+

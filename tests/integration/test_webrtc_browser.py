@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from .browser import Chromium, Page
-from .netns import NetNs, NsServer, require_netns
+from .netns import NsServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -110,13 +110,6 @@ class _Poll:
         if time.monotonic() > self.deadline:
             raise AssertionError(f"timed out waiting; last: {what}")
         time.sleep(0.05)  # polling interval; the deadline bounds the wait
-
-
-@pytest.fixture(scope="module")
-def ns():
-    require_netns()
-    with NetNs() as ns:
-        yield ns
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from .netns import NetNs, NsServer, require_netns
+from .netns import NsServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,13 +49,6 @@ def _audio_only(sdp: str, codecs: list[str]) -> str:
 
 def _offer(sdp: str) -> dict:
     return {"type": "offer", "sdp": sdp}
-
-
-@pytest.fixture(scope="module")
-def ns():
-    require_netns()
-    with NetNs() as ns:
-        yield ns
 
 
 @pytest.fixture(scope="module")
