@@ -28,7 +28,7 @@
   };
 
   const phone = {
-    state: "idle", callId: null, error: null, events: [], transcript: "", latencyMs: null,
+    state: "idle", callId: null, error: null, events: [], transcript: "", latencyMs: null, firstAudioMs: null,
     rttMs: null, turn: null, levels: [-100, -100], peaks: [-100, -100], sampleRate: null, keysSent: "",
     mic: [], remote: [],
   };
@@ -119,10 +119,10 @@
     if (pc) return;
     clearError();
     hangingUp = false;
-    phone.events = []; phone.transcript = ""; phone.latencyMs = null; phone.rttMs = null;
+    phone.events = []; phone.transcript = ""; phone.latencyMs = null; phone.firstAudioMs = null; phone.rttMs = null;
     phone.mic = []; phone.remote = []; phone.keysSent = ""; phone.keysHeard = ""; phone.peaks = [-100, -100];
     $("transcript").textContent = ""; $("keys-sent").textContent = "";
-    for (const id of ["call-id", "turn", "latency", "rtt", "duration"]) $(id).textContent = "\u2013";
+    for (const id of ["call-id", "turn", "latency", "first-audio", "rtt", "duration"]) $(id).textContent = "\u2013";
     setState("calling", "Asking for the microphone\u2026");
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
       return fail("insecure", "The microphone needs a secure page: open it over https:// or from localhost.");
@@ -238,6 +238,10 @@
     } else if (kind === "latency") {
       phone.latencyMs = data.response_ms;
       $("latency").textContent = Math.round(data.response_ms) + " ms";
+      if (typeof data.first_audio_ms === "number") {
+        phone.firstAudioMs = data.first_audio_ms;
+        $("first-audio").textContent = Math.round(data.first_audio_ms) + " ms";
+      }
     } else if (kind === "pong" && typeof data.t === "number") {
       phone.channelRttMs = performance.now() - data.t;
     } else if (kind === "dtmf") {
