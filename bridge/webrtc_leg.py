@@ -104,7 +104,7 @@ class WebRtcLeg:
         self._opening += 1
         try:
             call_id = uuid.uuid4().hex
-            inbound = LineAudio(self._peer_class.RECEIVE_RATE)
+            inbound = LineAudio(self._peer_class.receive_rate(self.settings.media == "fast"))
             outbound = LineAudio(self._peer_class.SEND_RATE)  # the session's AudioSink
             try:
                 session = await self.manager.admit(CallInfo(call_id, Transport.WEBRTC, remote, local), outbound)

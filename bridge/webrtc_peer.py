@@ -1,7 +1,8 @@
 """`WebRtcPeer`: one browser call's RTCPeerConnection. The only module that imports aiortc
-and PyAV; everything it hands out is numpy PCM, text and plain callbacks.
+and PyAV (libopus itself is bridge/media/opus.py); everything it hands out is numpy PCM, text and plain callbacks.
 
-    browser ── Opus/RTP ──► aiortc receiver ──► decode ──► on_audio(int16 mono 48 kHz, 960)
+    browser ── Opus/RTP ──► aiortc receiver ──► decode ──► on_audio(int16 mono: 16 kHz, 320
+                                                         fast; 48 kHz, 960 stock)
     browser ◄── Opus/RTP ── aiortc sender ◄── encode ◄── pull_audio() every 20 ms (int16 mono
                                                          24 kHz, 480: SEND_RATE)
     browser ◄─ data channel ─► send(text) / on_message(text)
@@ -13,12 +14,14 @@ Two media paths (`--webrtc-media`), the same on the wire:
   per call takes them; sent frames are raw PCM that aiortc measures (RFC 6465 level, a
   pure-Python loop over every sample) and encodes in the default thread pool (stereo,
   96 kbit/s, complexity 10). Measured: 10 calls per core.
-- `fast` (default): the receiver decodes on the loop thread the moment a packet arrives
-  and calls `on_audio` directly (no thread, no queue, no task wake-up; newest-wins
-  ordering instead of aiortc's 4-frame prefetch, so 60 ms less delay), and the sender
-  is handed Opus packets this module encoded itself on the loop thread (mono 24 kHz in,
-  32 kbit/s, CELT low-delay, complexity 0; silence from a cache), which skips the level
-  loop, the thread pool and most of the encoder's work. Measured: 25-30 calls per core.
+- `fast` (default): the receiver decodes on the loop thread the moment a packet arrives,
+  straight to 16 kHz, and calls `on_audio` directly (no thread, no queue, no task
+  wake-up; newest-wins ordering instead of aiortc's 4-frame prefetch, so 60 ms less
+  delay), and the sender is handed Opus packets this module encoded itself on the loop
+  thread (mono 24 kHz in, 32 kbit/s, CELT low-delay, complexity 0; silence from a cache),
+  which skips the level loop, the thread pool and most of the encoder's work. Both use
+  libopus's own API (bridge/media/opus.py), not PyAV's wrapper. docs/webrtc.md has the
+  figures.
   docs/webrtc.md has the profile behind it and what is left.
 
 The fast receive path replaces two private attributes of aiortc's `RTCRtpReceiver`
@@ -49,25 +52,29 @@ from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from agent.once import Once
 
+from .media.opus import OpusDecoder, OpusEncoder, OpusError
 from .webrtc_config import IceServer
 from .webrtc_errors import PeerFailed
 from .webrtc_sdp import announce_public_address
 
-__all__ = ["WebRtcPeer", "PeerStats", "LINE_RATE", "SEND_RATE", "FRAME_SAMPLES", "aiortc_version"]
+__all__ = ["WebRtcPeer", "PeerStats", "LINE_RATE", "FAST_RECEIVE_RATE", "SEND_RATE", "FRAME_SAMPLES",
+           "aiortc_version"]
 
 log = logging.getLogger(__name__)
 
 LINE_RATE = 48000  # Opus runs its RTP clock at 48 kHz, and aiortc's decoder gives 48 kHz
+FAST_RECEIVE_RATE = 16000  # the fast path decodes to the agent's rate directly
 SEND_RATE = 24000  # what the fast path hands libopus: the speech models speak at 22.05/24 kHz
 FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 _FRAME_SECONDS = 0.02
 _TIME_BASE = fractions.Fraction(1, LINE_RATE)
 _MAX_LAG_FRAMES = 10  # the sender fell this far behind (a stalled loop): resync, don't burst
 _ENCODER_BITRATE = 32000
-# libopus complexity 0-10. Measured here (CELT, mono, thread CPU time, interleaved runs):
-# 24 kHz input at complexity 0 ~60 us a frame, 1 ~73, 5 ~95, 10 ~130; 48 kHz at 10 ~150.
-# At 32 kbit/s complexity 0 still carries a voice cleanly (docs/webrtc.md).
-_ENCODER_COMPLEXITY = "0"
+# libopus complexity 0-10. Measured here through PyAV (CELT, mono, thread CPU time): 24 kHz
+# input at complexity 0 ~60 us a frame, 1 ~73, 5 ~95, 10 ~130; 48 kHz at 10 ~150. Through
+# libopus's own API (bridge/media/opus.py) complexity 0 costs ~36 us. At 32 kbit/s
+# complexity 0 still carries a voice cleanly (docs/webrtc.md).
+_ENCODER_COMPLEXITY = 0
 
 AudioIn = Callable[[np.ndarray], None]
 AudioOut = Callable[[], np.ndarray]
@@ -118,15 +125,13 @@ class _NewestWins:
 
 class _FastDecoder:
     """Stands in for the receiver's decoder queue. aiortc calls `put((codec, frame))` on the
-    loop thread: decode there (libopus, mono, ~35 us) and hand the PCM straight to the
-    call. The decoder thread aiortc still starts waits in `get()` until `put(None)` at
-    stop, then ends as it would."""
+    loop thread: decode there, straight to 16 kHz mono (libopus does the band-limiting; no
+    48 kHz step and no resampler after it), and hand the PCM to the call. The decoder
+    thread aiortc still starts waits in `get()` until `put(None)` at stop, then ends as it
+    would."""
 
     def __init__(self, on_audio: AudioIn, stats: PeerStats) -> None:
-        self._codec = av.CodecContext.create("libopus", "r")
-        self._codec.format = "s16"
-        self._codec.layout = "mono"
-        self._codec.sample_rate = LINE_RATE
+        self._decoder = OpusDecoder(FAST_RECEIVE_RATE)
         self._on_audio = on_audio
         self._stats = stats
         self._stopped = threading.Event()
@@ -136,18 +141,15 @@ class _FastDecoder:
             self._stopped.set()
             return
         try:
-            frames = self._codec.decode(av.Packet(item[1].data))
-        except av.FFmpegError:
+            pcm = self._decoder.decode(item[1].data)
+        except OpusError:
             self._stats.decode_errors += 1
             return
-        for frame in frames:
-            self._stats.frames_in += 1
-            try:
-                # a view of the frame's own buffer: PyAV's to_ndarray stacks planes (vstack)
-                # and costs more than the copy the resampler makes anyway
-                self._on_audio(np.frombuffer(frame.planes[0], np.int16, frame.samples))
-            except Exception:  # one call's bug must not stop aiortc's receive loop
-                self._stats.handler_errors += 1
+        self._stats.frames_in += 1
+        try:
+            self._on_audio(pcm)
+        except Exception:  # one call's bug must not stop aiortc's receive loop
+            self._stats.handler_errors += 1
 
     def get(self):  # aiortc's DECODER THREAD: nothing to do until the receiver stops
         self._stopped.wait()
@@ -185,15 +187,9 @@ async def _read_stock(track: MediaStreamTrack, on_audio: AudioIn, stats: PeerSta
 # ---- send ------------------------------------------------------------------------------------
 
 
-def _opus_codec(rate: int) -> av.CodecContext:
-    codec = av.CodecContext.create("libopus", "w")
-    codec.bit_rate = _ENCODER_BITRATE
-    codec.format = "s16"
-    codec.layout = "mono"
-    codec.sample_rate = rate
-    codec.time_base = fractions.Fraction(1, rate)
-    codec.options = {"application": "lowdelay", "compression_level": _ENCODER_COMPLEXITY}
-    return codec
+def _opus_encoder(rate: int) -> OpusEncoder:
+    return OpusEncoder(rate, bitrate=_ENCODER_BITRATE, complexity=_ENCODER_COMPLEXITY,
+                       application="restricted-lowdelay")
 
 
 _SILENCE_PACKETS: dict[int, bytes] = {}
@@ -204,15 +200,11 @@ def _silence_packet(rate: int) -> bytes:
     once per process by a throw-away encoder in its steady state."""
     packet = _SILENCE_PACKETS.get(rate)
     if packet is None:
-        codec = _opus_codec(rate)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=rate // 50)
-        frame.sample_rate = rate
-        np.frombuffer(frame.planes[0], np.int16, rate // 50)[:] = 0
-        out = []
-        for k in range(4):
-            frame.pts = k * (rate // 50)
-            out += codec.encode(frame)
-        packet = _SILENCE_PACKETS[rate] = bytes(out[-1])
+        encoder = _opus_encoder(rate)
+        zeros = np.zeros(rate // 50, np.int16)
+        for _ in range(4):
+            packet = encoder.encode(zeros)
+        _SILENCE_PACKETS[rate] = packet
     return packet
 
 
@@ -228,35 +220,26 @@ class _OpusEncoder:
     browser's decoder just had (silence) instead of the speech before the pause."""
 
     def __init__(self, rate: int = SEND_RATE) -> None:
-        self._rate = rate
-        self._codec = _opus_codec(rate)
+        self._encoder = _opus_encoder(rate)
         self._silence = _silence_packet(rate)
         self._after_silence = False
-        self._frame = av.AudioFrame(format="s16", layout="mono", samples=rate // 50)
-        self._frame.sample_rate = rate
-        self._samples = np.frombuffer(self._frame.planes[0], np.int16, rate // 50)
         self._pts = 0
         self.silent_frames = 0
 
     def encode(self, pcm: np.ndarray) -> list[av.Packet]:
         if not pcm.any():
-            packets = [av.Packet(self._silence)]
+            packet = av.Packet(self._silence)
             self._after_silence = True
             self.silent_frames += 1
         else:
             if self._after_silence:
-                self._codec = _opus_codec(self._rate)
+                self._encoder.reset()
                 self._after_silence = False
-            # One frame, refilled in place: a new AudioFrame per encode cost ~20 us more,
-            # and PyAV's encode() hands the samples to libopus before it returns.
-            self._samples[:] = pcm
-            self._frame.pts = self._pts * self._rate // LINE_RATE
-            packets = self._codec.encode(self._frame)
-        for packet in packets:
-            packet.pts = self._pts  # our own 48 kHz clock: libopus starts at minus its pre-skip
-            packet.time_base = _TIME_BASE
+            packet = av.Packet(self._encoder.encode(pcm))
+        packet.pts = self._pts  # the RTP clock runs at 48 kHz whatever the input rate
+        packet.time_base = _TIME_BASE
         self._pts += FRAME_SAMPLES
-        return packets
+        return [packet]
 
 
 class _PacedTrack(MediaStreamTrack):
@@ -322,8 +305,13 @@ class WebRtcPeer:
     """One peer connection. `accept(offer)` returns the answer SDP; media and data start
     when the browser connects (`on_state("connected")`). Callbacks run on the loop."""
 
-    RECEIVE_RATE = LINE_RATE  # on_audio's PCM
     SEND_RATE = SEND_RATE  # pull_audio's PCM
+
+    @staticmethod
+    def receive_rate(fast: bool) -> int:
+        """on_audio's PCM rate: 16 kHz decoded directly on the fast path, aiortc's 48 kHz
+        on the stock one."""
+        return FAST_RECEIVE_RATE if fast else LINE_RATE
 
     def __init__(self, *, ice_servers: tuple[IceServer, ...], public_address: str | None, fast: bool,
                  on_audio: AudioIn, pull_audio: AudioOut, on_message: TextIn, on_state: StateChange) -> None:

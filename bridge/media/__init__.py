@@ -1,7 +1,8 @@
 """Media DSP for the bridge: G.711, streaming resampling, framing and playout.
 
 Pure functions and small stateful objects over numpy; no I/O, no threads, no logging, no
-third-party audio library besides stdlib `audioop`. Everything here is PCM16 mono in
+third-party audio library besides stdlib `audioop` and libopus (`bridge.media.opus`,
+imported on its own: it loads the C library on first use). Everything here is PCM16 mono in
 native byte order, as bytes or 1-D int16 arrays (see `pcm`). One object per direction of
 one call; the resampler's filter tables are shared process-wide (see `polyphase`).
 
