@@ -23,6 +23,7 @@ __all__ = ["Settings", "OPTIONS", "add_serve_arguments", "settings_from"]
 AGENTS = ("omniflatten", "echo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEVICES = ("auto", "cpu", "cuda")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Settings:
     slots: int = 16
     device: str = "auto"
     drain_timeout: float = 60.0
+    event_loop: str = "uvloop"
     sip: SipSettings = field(default_factory=SipSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
 
@@ -52,6 +54,8 @@ class Settings:
             raise ConfigError("slots", self.slots, "must be 1..4096")
         if self.device not in DEVICES:
             raise ConfigError("device", self.device, f"must be one of {', '.join(DEVICES)}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError("event_loop", self.event_loop, f"must be one of {', '.join(EVENT_LOOPS)}")
         if not self.drain_timeout >= 0:
             raise ConfigError("drain_timeout", self.drain_timeout, "must be >= 0 seconds")
         if self.sip_listen == self.http_listen:
@@ -85,6 +89,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "DEVICE"),
     Option("drain_timeout", seconds, "on SIGTERM or POST /admin/drain, how long live calls may go on "
            "before they are hung up (default 60)", "SECONDS"),
+    Option("event_loop", choice(EVENT_LOOPS), "the asyncio event loop: uvloop (default; measured ~10%% less "
+           "CPU per WebRTC call) or asyncio (the standard library's)", "LOOP"),
 )
 OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS
 SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings}

@@ -40,7 +40,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 from .sip_guard import Allowlist, DigestAuth, RateLimiter
 from .sip_message import SipMessage, SipParseError, header_param, parse, split_frames, uri_user
@@ -421,8 +421,8 @@ class _Stream(asyncio.Protocol):
         self._peer: tuple[str, int] = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport (uvloop's does not subclass asyncio.Transport: no isinstance)
+        self._transport = cast(asyncio.Transport, transport)
         self._peer = transport.get_extra_info("peername")[:2]
         if not self._front.allow.allows(self._peer[0]):
             transport.close()  # not even a 403 over TCP: no connection for strangers

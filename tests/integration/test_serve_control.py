@@ -39,14 +39,16 @@ def test_serve_answers_the_control_plane_and_stops_on_sigterm(tmp_path):
         assert "call_id" not in text  # bounded labels: never a call id
         assert server.terminate() == 0
         assert "untrained" in server.log().lower()
+        assert "event loop uvloop" in server.log()  # the default
         assert "duplexline: stopped" in server.log()
 
 
-def test_admin_drain_stops_the_process(tmp_path):
-    with ServeProcess("--agent", "echo", log_path=tmp_path / "serve.log") as server:
+def test_admin_drain_stops_the_process_on_the_standard_event_loop(tmp_path):
+    with ServeProcess("--agent", "echo", "--event-loop", "asyncio", log_path=tmp_path / "serve.log") as server:
         status, body = http_json("POST", server.url + "/admin/drain")
         assert status == 202 and body["draining"]
         assert server.proc.wait(timeout=30) == 0
+        assert "event loop asyncio" in server.log()
 
 
 def test_bad_settings_are_refused_with_the_flag_named():

@@ -84,13 +84,13 @@ def test_draining_bridge_answers_503_with_retry_after_and_keeps_live_calls(workd
             peer.dial(f"sip:bot@127.0.0.1:{server.sip_port}")
             call_id = peer.wait_event("CALL_ESTABLISHED", timeout=10)["id"]
             status, body = server.post("/admin/drain")
-            assert status == 202 and body["live_calls"] == 1
+            assert status == 202 and body["live_calls"] == 1, (status, body, server.log())
             reply = eventually(lambda: (r := sip_request(server.sip_port)).status == 503 and r, timeout=5,
                                what="503 while draining")
             assert reply.headers.get("retry-after") == "30" and "draining" in reply.reason.lower()
-            assert server.proc.poll() is None  # the live call keeps the bridge up
-            assert server.get(f"/calls/{call_id}")[1]["state"] == "active"
+            assert server.proc.poll() is None, server.log()  # the live call keeps the bridge up
+            assert server.get(f"/calls/{call_id}")[1]["state"] == "active", server.log()
             assert metric_value(server.metrics(), "duplexline_sip_invites_total", 'outcome="503"') >= 1
             peer.hangup()
             peer.wait_event("CALL_CLOSED", timeout=10)
-        assert server.proc.wait(timeout=30) == 0  # the last call ended: the drain completes
+        assert server.proc.wait(timeout=30) == 0, server.log()  # the last call ended: the drain completes
