@@ -12,8 +12,9 @@ the caller has not heard yet is flushed at once. A chunk that ends its speech wi
 silence is a natural end of turn and is played out.
 
 Time to first audio (`duplexline_agent_first_audio_seconds`): from the arrival of the
-caller's last frame with speech in it (peak above SPEECH_PEAK) to when the assistant's
-next reply starts playing, i.e. after the audio already queued ahead of it.
+caller's last frame with speech in it (peak above SPEECH_PEAK, heard while the assistant
+was not talking) to when the assistant's next reply starts playing: after the audio
+already queued ahead of it, at the reply's first speech code.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ class _OmniFlattenSession(AgentSession):
     def feed(self, frame: np.ndarray) -> None:
         if self._hold or self._closed:
             return
-        if max(int(frame.max()), -int(frame.min())) > SPEECH_PEAK:
+        # Caller speech while the assistant talks (a backchannel, an echo on the line) does
+        # not wait for a reply; once it has gone quiet, the caller's turn is what it answers.
+        if not self._speaking and max(int(frame.max()), -int(frame.min())) > SPEECH_PEAK:
             self._caller_spoke_at = time.monotonic()
             self._awaiting_reply = True
         n = len(frame)
@@ -211,8 +214,10 @@ class _OmniFlattenSession(AgentSession):
         speaking = bool((speech >= 0).any())
         first_audio_ms = None
         if speaking and not self._speaking and self._awaiting_reply and self._caller_spoke_at is not None:
-            # The reply starts once the audio queued ahead of it has played.
-            first_audio = max(0.0, now + queued_ahead - self._caller_spoke_at)
+            # The reply starts once the audio queued ahead of it has played, at its first
+            # speech code within this chunk.
+            lead = int(np.argmax(speech >= 0)) / len(speech) * len(pcm) / self._agent.decoder.sample_rate
+            first_audio = max(0.0, now + queued_ahead + lead - self._caller_spoke_at)
             self._first_audio.observe(first_audio)
             first_audio_ms = round(first_audio * 1000, 1)
             self._awaiting_reply = False

@@ -9,7 +9,8 @@
     POST /calls/{id}/hangup    hang up a call this bridge holds          (admin)
     POST /admin/drain          refuse new calls, let live ones finish, exit (admin)
 
-Admin routes want `Authorization: Bearer <token>` when a token is configured.
+Admin routes want `Authorization: Bearer <token>` when a token is configured; without one
+they answer only requests from this host (loopback), 403 otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import logging
 from typing import Awaitable, Callable
 
@@ -40,8 +42,13 @@ def _record_json(record: CallRecord) -> dict:
 
 
 def require_admin(request: web.Request, token: str | None) -> None:
-    """Raise 401 unless the request carries the configured bearer token."""
+    """Raise 401 unless the request carries the configured bearer token. With no token
+    configured, only this host may call admin routes (403 from elsewhere): a bridge whose
+    HTTP port is reachable must not let strangers dial out, transfer or drain it."""
     if not token:
+        if not _from_this_host(request):
+            raise web.HTTPForbidden(text='{"error": "admin routes from another host need --admin-token '
+                                    'on the bridge (Authorization: Bearer ...)"}', content_type="application/json")
         return
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
@@ -49,6 +56,13 @@ def require_admin(request: web.Request, token: str | None) -> None:
         raise web.HTTPUnauthorized(text='{"error": "admin token required (Authorization: Bearer ...)"}',
                                    content_type="application/json",
                                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def _from_this_host(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
+    except ValueError:  # a Unix socket or no peer address: not a network stranger
+        return not request.remote
 
 
 def add_control_routes(app: web.Application, manager: CallManager, registry: CollectorRegistry,

@@ -31,6 +31,7 @@ from agent.calls import CallManager
 from agent.once import Once
 from agent.store import Transport
 
+from .errors import BridgeError
 from .line_audio import LineAudio
 from .webrtc_call import WebRtcCall
 from .webrtc_config import WebRtcSettings
@@ -154,13 +155,19 @@ async def start(settings, manager: CallManager, app: web.Application, registry: 
     # aioice logs every connectivity check at INFO: traffic, not outcomes (STYLE 11).
     if logging.getLogger("aioice").level == logging.NOTSET:
         logging.getLogger("aioice").setLevel(logging.WARNING)
+    codec = "aiortc's"
     if settings.webrtc.media == "fast":
         from . import webrtc_clock
+        from .media.opus import OpusError, libopus_version
 
+        try:  # found now, not at the first offer: a missing library is an error at start
+            codec = libopus_version()
+        except OpusError as exc:
+            raise BridgeError(f"--webrtc-media fast needs libopus: {exc} (or --webrtc-media stock)") from None
         webrtc_clock.install()  # process-wide; the stock path keeps aiortc as shipped
     leg = WebRtcLeg(settings.webrtc, manager, WebRtcMetrics(registry), WebRtcPeer)
     add_signaling_routes(app, leg, settings.webrtc, STATIC_DIR)
-    log.info("webrtc leg up: aiortc %s, media path %s, ICE servers %d, public address %s, offer token %s",
-             aiortc_version(), settings.webrtc.media, len(settings.webrtc.ice_servers),
+    log.info("webrtc leg up: aiortc %s, media path %s (opus: %s), ICE servers %d, public address %s, "
+             "offer token %s", aiortc_version(), settings.webrtc.media, codec, len(settings.webrtc.ice_servers),
              settings.webrtc.public_address or "none", "set" if settings.webrtc.token else "none")
     return leg

@@ -52,7 +52,7 @@ from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from agent.once import Once
 
-from .media.opus import OpusDecoder, OpusEncoder, OpusError
+from .media.opus import OpusDecoder, OpusEncoder
 from .webrtc_config import IceServer
 from .webrtc_errors import PeerFailed
 from .webrtc_sdp import announce_public_address
@@ -142,7 +142,7 @@ class _FastDecoder:
             return
         try:
             pcm = self._decoder.decode(item[1].data)
-        except OpusError:
+        except Exception:  # OpusError, or a payload ctypes cannot pass: never into aiortc's loop
             self._stats.decode_errors += 1
             return
         self._stats.frames_in += 1

@@ -62,7 +62,9 @@ def _load() -> ctypes.CDLL:
         lib.opus_encoder_create.restype = p
         lib.opus_encoder_create.argtypes = [i32, i, i, ctypes.POINTER(i)]
         lib.opus_encode.argtypes = [p, p, i, p, i32]
-        lib.opus_encoder_ctl.argtypes = [p, i, i]  # the int-argument SET requests only
+        # variadic in C: fix only the two named parameters, pass the request's argument as a
+        # c_int32 (ctypes then makes a variadic call, which some ABIs need)
+        lib.opus_encoder_ctl.argtypes = [p, i]
         lib.opus_encoder_destroy.argtypes = [p]
         return lib
     raise OpusError("libopus not found: install PyAV (it bundles one; aiortc depends on it) "
@@ -110,8 +112,8 @@ class OpusEncoder:
         _check(err.value, "opus_encoder_create")
         self._handle = handle
         self._finalizer = weakref.finalize(self, lib.opus_encoder_destroy, handle)
-        _check(lib.opus_encoder_ctl(handle, _SET_BITRATE, bitrate), "bitrate")
-        _check(lib.opus_encoder_ctl(handle, _SET_COMPLEXITY, complexity), "complexity")
+        _check(lib.opus_encoder_ctl(handle, _SET_BITRATE, ctypes.c_int32(bitrate)), "bitrate")
+        _check(lib.opus_encoder_ctl(handle, _SET_COMPLEXITY, ctypes.c_int32(complexity)), "complexity")
         self.rate = rate
         self.frame_samples = rate // 50
         self._out = ctypes.create_string_buffer(_MAX_PACKET)
@@ -126,9 +128,8 @@ class OpusEncoder:
         return self._out.raw[:n]
 
     def reset(self) -> None:
-        """Back to a fresh stream's state (what a decoder that just heard silence has).
-        OPUS_RESET_STATE takes no argument; the extra 0 is ignored by the variadic call."""
-        _check(_lib().opus_encoder_ctl(self._handle, _RESET_STATE, 0), "reset")
+        """Back to a fresh stream's state (what a decoder that just heard silence has)."""
+        _check(_lib().opus_encoder_ctl(self._handle, _RESET_STATE), "reset")
 
 
 class OpusDecoder:

@@ -78,12 +78,12 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"duplexline serve exited with {self.proc.returncode}: {self.log()}")
             try:
-                status, _ = http_json("GET", self.url + "/healthz", timeout=1)
-                if status == 200:
-                    self.wait_ready(deadline)
-                    return self
+                healthy = http_json("GET", self.url + "/healthz", timeout=1)[0] == 200
             except OSError:
-                pass
+                healthy = False
+            if healthy:
+                self.wait_ready(deadline)  # its own timeout names what is missing
+                return self
             time.sleep(0.1)  # polling a real process's readiness, bounded by the deadline
         self.kill()
         raise TimeoutError(f"duplexline serve not up within {timeout} s: {self.log()}")

@@ -453,6 +453,7 @@ class _UdpAgent:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        self.errors: list[str] = []  # what handle() raised, for a failing test's message
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -462,8 +463,8 @@ class _UdpAgent:
 
     def __exit__(self, *exc: object) -> None:
         self._stop = True
+        self._thread.join(timeout=5)  # the reader stops within its 0.2 s receive timeout
         self.sock.close()
-        self._thread.join(timeout=5)
 
     def _run(self) -> None:
         self.sock.settimeout(0.2)
@@ -472,7 +473,10 @@ class _UdpAgent:
                 data, addr = self.sock.recvfrom(65535)
             except OSError:
                 continue
-            self.handle(data, addr)
+            try:
+                self.handle(data, addr)
+            except Exception as exc:  # a stray datagram must not kill the reader: keep it for the test
+                self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def handle(self, data: bytes, addr) -> None:
         raise NotImplementedError
@@ -535,7 +539,7 @@ class RawPhone(_UdpAgent):
             try:
                 reply = q.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError("no final answer to the INVITE") from None
+                raise TimeoutError(f"no final answer to the INVITE (reader errors: {self.errors})") from None
             if reply.status < 200 or reply.headers.get("cseq", "").split()[-1:] != ["INVITE"]:
                 continue
             if reply.status >= 300:

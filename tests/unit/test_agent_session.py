@@ -197,13 +197,14 @@ def test_time_to_first_audio_runs_from_the_callers_last_speech_to_the_reply_play
         play([-1] * 10)  # listening: 200 ms of silence queued
         session.feed(tone(440, 0.02))  # the caller speaks
         session.feed(np.zeros(320, np.int16))  # ... and stops: quiet frames do not move the mark
-        play([5] * 10)  # the reply: it plays after the 200 ms queued ahead of it
+        play([-1] * 5 + [5] * 5)  # the reply: after the 200 ms queued, half-way into its chunk
         assert first_audio("count") == 1
-        assert 0.2 <= first_audio("sum") < 0.2 + 0.5
+        assert 0.3 <= first_audio("sum") < 0.3 + 0.5
         assert latencies[-1]["first_audio_ms"] == pytest.approx(first_audio("sum") * 1000, abs=0.1)
+        session.feed(tone(440, 0.02))  # a backchannel while the assistant talks: no reply awaited
         play([6] * 10)  # still the same reply: not a new first audio
         play([-1] * 10)
-        play([7] * 10)  # the assistant speaks again without the caller having spoken
+        play([7] * 10)  # the assistant speaks again without the caller having had a turn
         assert first_audio("count") == 1
         assert "first_audio_ms" not in latencies[-1]
         await session.end("remote-hangup")

@@ -85,3 +85,32 @@ def test_bad_input_is_refused_and_the_decoder_goes_on():
         OpusDecoder(44100)
     with pytest.raises(ValueError, match="complexity"):
         OpusEncoder(24000, complexity=11)
+
+
+def test_the_bitrate_setting_takes_effect():
+    pcm = tone(24000, 1.0, f=700)
+    sizes = {}
+    for bitrate in (16000, 32000):
+        enc = OpusEncoder(24000, bitrate=bitrate)
+        sizes[bitrate] = np.mean([len(enc.encode(f)) for f in frames(pcm, 24000)][5:])
+    # bytes per 20 ms packet = bitrate / 8 / 50 (VBR: about that on a steady tone)
+    assert 30 <= sizes[16000] <= 50 and 65 <= sizes[32000] <= 95, sizes
+
+
+def test_a_missing_library_is_named_and_the_fast_webrtc_leg_refuses_to_start(monkeypatch):
+    import asyncio
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+
+    from bridge import webrtc_leg
+    from bridge.errors import BridgeError
+    from bridge.media import opus
+    from bridge.settings import Settings
+
+    monkeypatch.setattr(opus, "_LIB", None)
+    monkeypatch.setattr(opus, "_candidates", lambda: ["/nonexistent/libopus.so.0"])
+    with pytest.raises(OpusError, match="libopus not found"):
+        OpusDecoder(16000)
+    with pytest.raises(BridgeError, match="webrtc-media stock"):
+        asyncio.run(webrtc_leg.start(Settings(), None, web.Application(), CollectorRegistry()))
