@@ -118,8 +118,7 @@ class _OmniFlattenSession(AgentSession):
                  emit: Emit, transport: str) -> None:
         self._agent = agent
         self._first_audio = agent.metrics.first_audio.labels(transport=transport)
-        self._caller_spoke_at: float | None = None  # arrival of the caller's latest speech frame
-        self._awaiting_reply = False
+        self._caller_spoke_at: float | None = None  # the caller's latest speech frame; None once answered
         self._engine_session = engine_session
         self._sink = sink
         self._emit = emit
@@ -146,7 +145,6 @@ class _OmniFlattenSession(AgentSession):
         # not wait for a reply; once it has gone quiet, the caller's turn is what it answers.
         if not self._speaking and max(int(frame.max()), -int(frame.min())) > SPEECH_PEAK:
             self._caller_spoke_at = time.monotonic()
-            self._awaiting_reply = True
         n = len(frame)
         take = min(n, self._chunk_samples - self._fill)
         self._buf[self._fill:self._fill + take] = frame[:take] * (1.0 / 32768.0)
@@ -211,20 +209,21 @@ class _OmniFlattenSession(AgentSession):
         response = now - t_end
         m.response.observe(response)
         m.playout_depth.observe(self._sink.depth_ms / 1000.0)
-        speaking = bool((speech >= 0).any())
+        is_speech = speech >= 0
+        speaking = bool(is_speech.any())
         first_audio_ms = None
-        if speaking and not self._speaking and self._awaiting_reply and self._caller_spoke_at is not None:
+        if speaking and not self._speaking and self._caller_spoke_at is not None:
             # The reply starts once the audio queued ahead of it has played, at its first
             # speech code within this chunk.
-            lead = int(np.argmax(speech >= 0)) / len(speech) * len(pcm) / self._agent.decoder.sample_rate
+            lead = int(np.argmax(is_speech)) / len(speech) * len(pcm) / self._agent.decoder.sample_rate
             first_audio = max(0.0, now + queued_ahead + lead - self._caller_spoke_at)
             self._first_audio.observe(first_audio)
             first_audio_ms = round(first_audio * 1000, 1)
-            self._awaiting_reply = False
+            self._caller_spoke_at = None
         if speaking != self._speaking:
             self._speaking = speaking
             self._emit("turn", {"assistant": "speaking" if speaking else "listening"})
-        self._last_code_speech = len(speech) > 0 and speech[-1] >= 0
+        self._last_code_speech = len(speech) > 0 and bool(is_speech[-1])
         text = [t for t in result.text_ids if t != self._vocab.silent_text]
         if text:
             self._emit("text", {"ids": text, "text": self._agent.detokenize(text)})

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import ipaddress
+import json
 import logging
 from typing import Awaitable, Callable
 
@@ -29,7 +30,7 @@ from .calls import CallManager
 from .errors import CorruptRecord, StoreUnavailable
 from .store import CallRecord
 
-__all__ = ["add_control_routes", "require_admin"]
+__all__ = ["add_control_routes", "bearer_ok", "json_error", "require_admin"]
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +42,35 @@ def _record_json(record: CallRecord) -> dict:
     return data
 
 
+def json_error(cls: type[web.HTTPException], message: str, **extra: object) -> web.HTTPException:
+    """An HTTP error whose body is `{"error": message, ...}` (raise it)."""
+    return cls(text=json.dumps({"error": message, **extra}), content_type="application/json")
+
+
+def bearer_ok(request: web.Request, token: str) -> bool:
+    """The request carries `Authorization: Bearer <token>` (compared in constant time)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def require_admin(request: web.Request, token: str | None) -> None:
     """Raise 401 unless the request carries the configured bearer token. With no token
     configured, only this host may call admin routes (403 from elsewhere): a bridge whose
     HTTP port is reachable must not let strangers dial out, transfer or drain it."""
     if not token:
         if not _from_this_host(request):
-            raise web.HTTPForbidden(text='{"error": "admin routes from another host need --admin-token '
-                                    'on the bridge (Authorization: Bearer ...)"}', content_type="application/json")
+            raise json_error(web.HTTPForbidden, "admin routes from another host need --admin-token "
+                             "on the bridge (Authorization: Bearer ...)")
         return
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise web.HTTPUnauthorized(text='{"error": "admin token required (Authorization: Bearer ...)"}',
-                                   content_type="application/json",
-                                   headers={"WWW-Authenticate": "Bearer"})
+    if not bearer_ok(request, token):
+        refused = json_error(web.HTTPUnauthorized, "admin token required (Authorization: Bearer ...)")
+        refused.headers["WWW-Authenticate"] = "Bearer"
+        raise refused
 
 
 def _from_this_host(request: web.Request) -> bool:
     try:
-        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
+        return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:  # a Unix socket or no peer address: not a network stranger
         return not request.remote
 
@@ -87,8 +97,7 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
         try:
             records = await manager.store.list_calls(live_only=live_only)
         except StoreUnavailable as exc:
-            raise web.HTTPServiceUnavailable(text=f'{{"error": "store unavailable: {exc}"}}',
-                                             content_type="application/json") from None
+            raise json_error(web.HTTPServiceUnavailable, f"store unavailable: {exc}") from None
         return web.json_response({"calls": [_record_json(r) for r in records]})
 
     async def call(request: web.Request) -> web.Response:
@@ -97,12 +106,11 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
             record = await manager.store.get(call_id)
             events = await manager.store.events(call_id, limit=100) if record else []
         except StoreUnavailable as exc:
-            raise web.HTTPServiceUnavailable(text=f'{{"error": "store unavailable: {exc}"}}',
-                                             content_type="application/json") from None
+            raise json_error(web.HTTPServiceUnavailable, f"store unavailable: {exc}") from None
         except CorruptRecord as exc:
-            raise web.HTTPInternalServerError(text=f'{{"error": "{exc}"}}', content_type="application/json") from None
+            raise json_error(web.HTTPInternalServerError, str(exc)) from None
         if record is None:
-            raise web.HTTPNotFound(text=f'{{"error": "no call {call_id!r}"}}', content_type="application/json")
+            raise json_error(web.HTTPNotFound, f"no call {call_id!r}")
         body = _record_json(record)
         body["events"] = [{"kind": e.kind, "data": e.data, "time": e.time} for e in events]
         return web.json_response(body)
@@ -111,8 +119,7 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
         require_admin(request, admin_token)
         call_id = request.match_info["id"]
         if not await manager.hangup(call_id, "operator"):
-            raise web.HTTPNotFound(text=f'{{"error": "no live call {call_id!r} on this bridge"}}',
-                                   content_type="application/json")
+            raise json_error(web.HTTPNotFound, f"no live call {call_id!r} on this bridge")
         return web.json_response({"call_id": call_id, "ended": True})
 
     async def drain(request: web.Request) -> web.Response:

@@ -1,13 +1,19 @@
-"""`Once`: an idempotent async action (close, end). The first call starts it as a task;
+"""Small task helpers the calls, legs and stores share.
+
+`Once`: an idempotent async action (close, end). The first call starts it as a task;
 every caller, concurrent or later, awaits that same run; a caller that is cancelled while
-waiting does not cancel the action (a half-done close would leak what it frees)."""
+waiting does not cancel the action (a half-done close would leak what it frees).
+
+`BackgroundTasks`: fire-and-forget work started from callbacks (a store write, an answer,
+an end), kept referenced until done so it is not garbage-collected mid-flight, and
+awaited with a bound before the owner goes away."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Awaitable, Callable
 
-__all__ = ["Once"]
+__all__ = ["BackgroundTasks", "Once"]
 
 
 class Once:
@@ -22,3 +28,24 @@ class Once:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(action())
         return await asyncio.shield(self._task)
+
+
+class BackgroundTasks:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> None:
+        """Run `coro` as a task; without a running loop (a callback at shutdown) it is
+        closed unstarted."""
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self, timeout: float) -> None:
+        """Let what is running finish, for at most `timeout` seconds."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

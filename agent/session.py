@@ -9,7 +9,6 @@ not per frame). One session's failure ends that call only.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Awaitable, Callable
@@ -20,7 +19,7 @@ from .agents import AgentSession
 from .call import FRAME_SAMPLES, CallInfo
 from .errors import StaleSession
 from .metrics import AgentMetrics
-from .once import Once
+from .once import BackgroundTasks, Once
 from .store import CallEvent, CallState, SessionStore
 
 __all__ = ["CallSession"]
@@ -50,7 +49,7 @@ class CallSession:
         self._hangup: HangupHandler | None = None
         self._clock0: float | None = None
         self._ending = Once()
-        self._bg: set[asyncio.Task] = set()
+        self._bg = BackgroundTasks()
 
     # ---- wiring (the manager and the transport) ------------------------------------------
 
@@ -72,7 +71,7 @@ class CallSession:
             except Exception:  # a broken listener must not break the call
                 log.exception("event listener failed for %s", kind)
         if kind in STORED_EVENTS:
-            self._spawn(self._store_event(kind, data))
+            self._bg.spawn(self._store_event(kind, data))
 
     # ---- the transport's calls -------------------------------------------------------------
 
@@ -150,8 +149,7 @@ class CallSession:
             except Exception:
                 log.exception("call %s: agent session close failed", self.info.call_id)
         self.state = CallState.ENDED
-        if self._bg:  # let queued event writes land before the end (the store never blocks long)
-            await asyncio.wait(list(self._bg), timeout=2.0)
+        await self._bg.wait(2.0)  # queued event writes land before the end (the store never blocks long)
         await self.flush_counts()
         try:
             await self._store.end(self.info.call_id, reason)
@@ -185,12 +183,3 @@ class CallSession:
             pass
         except Exception:
             log.exception("call %s: store event failed", self.info.call_id)
-
-    def _spawn(self, coro) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)

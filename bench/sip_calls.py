@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import pct, table  # noqa: E402
+from bench._procs import cpu_seconds, parse_metrics  # noqa: E402
+from tests.integration.serve_process import free_port  # noqa: E402
 
 RATE = 8000
 FRAME = 160  # samples per 20 ms at 8 kHz
@@ -158,25 +160,9 @@ async def _client(target: int, calls: int, seconds: float, port: int, rtp: str, 
 # ---- the harness -----------------------------------------------------------------------------
 
 
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("duplexline_agent_") or line.startswith("duplexline_sip_"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return parse_metrics(text, ("duplexline_agent_", "duplexline_sip_"))
 
 
 def _affinity(cpus: set[int] | None):
@@ -206,12 +192,12 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus = {cpus[0]} if pin and len(cpus) > 1 else None
     client_cpus = set(cpus[1:]) if pin and len(cpus) > 1 else None
-    sip = _free_port(socket.SOCK_DGRAM)
+    sip = free_port(socket.SOCK_DGRAM)
     procs: list[subprocess.Popen] = []
     https: list[int] = []
     try:
         for i in range(servers):
-            http = _free_port()
+            http = free_port()
             https.append(http)
             log = (workdir / f"bridge-{calls}-{i}.log").open("wb")
             procs.append(subprocess.Popen(
@@ -220,16 +206,17 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
                  f"127.0.0.1:{http}", "--rtp-ports", f"{20000 + i * 1000}-{20999 + i * 1000}"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_affinity(server_cpus)))
         deadline = time.monotonic() + 60
-        for http in https:
-            while True:
+        for proc, http in zip(procs, https):
+            while True:  # GET /sip answers 200 once this process's SIP leg is up (503 before)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a bridge exited with {proc.returncode}: see {workdir}")
                 try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1)
-                    break
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/sip", timeout=1):
+                        break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise TimeoutError("bridge did not start")
-                    time.sleep(0.2)
-        time.sleep(1.0)  # the SIP leg starts just after HTTP; set-up is paced anyway
+                        raise TimeoutError("bridge did not start") from None
+                    time.sleep(0.2)  # polling a starting process
         # Several client processes per bridge: the kernel spreads callers by source address.
         per_client = min(CALLS_PER_CLIENT, max(5, -(-calls // (4 * servers))))
         clients: list[tuple[subprocess.Popen, Path]] = []
@@ -239,7 +226,7 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
             n = min(per_client, left)
             out = workdir / f"client-{calls}-{k}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--client", "--target", str(sip), "--n", str(n),
-                   "--seconds", str(seconds + 180), "--port", str(_free_port(socket.SOCK_DGRAM)),
+                   "--seconds", str(seconds + 180), "--port", str(free_port(socket.SOCK_DGRAM)),
                    "--rtp", f"{40000 + k * 600}-{40599 + k * 600}", "--out", str(out)]
             clients.append((subprocess.Popen(cmd, cwd=ROOT, preexec_fn=_affinity(client_cpus),
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
@@ -252,11 +239,11 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
             time.sleep(0.2)  # polling the clients' progress
         time.sleep(1.0)  # let the last calls settle: measure from here
         m0 = [_metrics(h) for h in https]
-        c0 = sum(_cpu_seconds(p.pid) for p in procs)
+        c0 = sum(cpu_seconds(p.pid) for p in procs)
         t0 = time.monotonic()
         time.sleep(max(1.0, seconds - 2.0))
         m1 = [_metrics(h) for h in https]
-        c1 = sum(_cpu_seconds(p.pid) for p in procs)
+        c1 = sum(cpu_seconds(p.pid) for p in procs)
         wall = time.monotonic() - t0
         for _, out in clients:
             out.with_suffix(".stop").write_text("")

@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO))
 HOLD_FPS = 47.5
 MAX_LATE = 0.10  # a server that falls behind has every frame late; bursts make a few late
 DEFAULT_POINTS = "stock:10,15,20 fast:30,45,60"
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+from bench._procs import cpu_seconds, parse_metrics, stat_cpu_seconds  # noqa: E402
 
 
 # ---- the client process (runs inside the namespace, pinned to CPU 1) --------------------------
@@ -161,11 +162,6 @@ async def _client(url: str, calls: int, warmup: float, seconds: float) -> dict:
 
 # ---- the parent ------------------------------------------------------------------------------
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 def _cpu_times(cpu: int) -> list[int]:
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
@@ -184,11 +180,11 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
             name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
         except OSError:
             continue
-        out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        out[f"{name}/{tid}"] = seconds
     return out
 
 
@@ -196,12 +192,7 @@ def _metrics(ns, url: str) -> dict[str, float]:
     def fetch():
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             return r.read().decode()
-    out = {}
-    for line in ns.call(fetch).splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return parse_metrics(ns.call(fetch))
 
 
 FED = "duplexline_agent_frame_lateness_seconds_count"  # one per caller frame fed to a session
@@ -233,14 +224,14 @@ def run_point(ns, mode: str, calls: int, seconds: float, warmup: float, workdir:
         if not line:
             raise RuntimeError(f"the client failed: {(workdir / f'client-{mode}-{calls}.log').read_text()[-2000:]}")
         assert json.loads(line)["phase"] == "measure"
-        cpu0, t0 = _cpu_seconds(server.proc.pid), time.monotonic()
-        ccpu0 = _cpu_seconds(client.pid)
+        cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
+        ccpu0 = cpu_seconds(client.pid)
         core0 = _cpu_times(0)
         threads0 = _thread_cpu(server.proc.pid)
         m0 = _metrics(ns, server.url)
         done = json.loads(client.stdout.readline())
-        cpu1, t1 = _cpu_seconds(server.proc.pid), time.monotonic()
-        ccpu1 = _cpu_seconds(client.pid)
+        cpu1, t1 = cpu_seconds(server.proc.pid), time.monotonic()
+        ccpu1 = cpu_seconds(client.pid)
         core = _cpu_share(core0, _cpu_times(0))
         threads1 = _thread_cpu(server.proc.pid)
         busy = sorted(((threads1[k] - threads0.get(k, 0)) / (t1 - t0) * 100, k) for k in threads1)[-3:]

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from agent.call import FRAME_RATE
 from bridge.media import Framer, PlayoutBuffer, Resampler
 
 __all__ = ["LineAudio", "AGENT_RATE"]
 
-AGENT_RATE = 16000
+AGENT_RATE = FRAME_RATE  # what the agent takes: 16 kHz frames
 
 
 class LineAudio:

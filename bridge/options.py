@@ -4,6 +4,7 @@ with a message the settings builder turns into a ConfigError naming the flag."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "HostPort", "Option", "choice", "redis_url", "existing_path", "positive_int", "seconds",
-           "json_entries"]
+           "json_entries", "ip_address", "redacted_repr"]
 
 ENV_PREFIX = "DUPLEXLINE_"
 
@@ -79,6 +80,22 @@ def existing_path(text: str) -> Path:
     if not path.exists():
         raise ValueError(f"{path} does not exist")
     return path
+
+
+def ip_address(text: str) -> str:
+    """An IPv4 or IPv6 address, in its canonical text form."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def redacted_repr(obj: Any, secrets: tuple[str, ...]) -> str:
+    """A settings dataclass's repr with each secret field shown as <set> (or None)."""
+    shown = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for name in secrets:
+        shown[name] = "<set>" if shown[name] else None
+    return f"{type(obj).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 def json_entries(option: str, path: Path, key: str, shape: str, bare_list: bool = False) -> list:

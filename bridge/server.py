@@ -55,18 +55,17 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
         stop.set()
 
     legs: list = []
-    running: dict = {}  # "sip" -> the SIP leg once it runs (its routes are mounted before)
+    sip = None  # the SIP leg once it runs (its routes are mounted before the server starts)
 
     def details() -> dict:
         merged: dict = {}
         for leg in legs:
-            if hasattr(leg, "describe"):
-                merged.update(leg.describe())
+            merged.update(leg.describe())
         return merged
 
     app = web.Application(client_max_size=64 * 1024)
     add_control_routes(app, manager, registry, settings.admin_token, drain, details)
-    add_sip_routes(app, lambda: running.get("sip"), settings.admin_token)
+    add_sip_routes(app, lambda: sip, settings.admin_token)
     runner = web.AppRunner(app, access_log=None)
     try:
         webrtc = await webrtc_leg.start(settings, manager, app, registry)
@@ -81,7 +80,6 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
         sip = await sip_leg.start(settings, manager, registry)
         if sip is not None:
             legs.append(sip)
-            running["sip"] = sip
         log.info("HTTP on http://%s (/metrics /healthz /readyz /calls /sip /webrtc); agent %s; store %s",
                  settings.http_listen, settings.agent, settings.store_name)
         print(f"duplexline: serving on http://{settings.http_listen} and sip:{settings.sip_listen}; "

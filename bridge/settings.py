@@ -9,12 +9,13 @@ ignored. Secrets are redacted in `repr`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .options import ENV_PREFIX, HostPort, Option, choice, existing_path, positive_int, redis_url, seconds
+from .options import (ENV_PREFIX, HostPort, Option, choice, existing_path, positive_int, redacted_repr, redis_url,
+                      seconds)
 from .sip_config import SIP_OPTIONS, SipSettings
 from .webrtc_config import WEBRTC_OPTIONS, WebRtcSettings
 
@@ -36,7 +37,7 @@ class Settings:
     agent: str = "omniflatten"
     model: Path | None = None
     redis: str | None = None
-    admin_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = None  # a secret: __repr__ shows <set>
     log_level: str = "INFO"
     slots: int = 16
     device: str = "auto"
@@ -66,9 +67,7 @@ class Settings:
         return "redis" if self.redis else "memory"
 
     def __repr__(self) -> str:
-        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
-        shown["admin_token"] = "<set>" if self.admin_token else None
-        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        return redacted_repr(self, ("admin_token",))
 
 
 CORE_OPTIONS: tuple[Option, ...] = (

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +87,6 @@ class Registration:
         self.state = "registering" if entry.register else "trunk"
         self.failures = 0
         self.last_error = ""
-        self.registered_at: float | None = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task | None = None
         metrics.registered.labels(account=entry.name).set(0)
@@ -141,7 +139,6 @@ class Registration:
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
             self.state = "registered"
-            self.registered_at = time.time()
             self.last_error = ""
             self.metrics.registered.labels(account=self.entry.name).set(1)
             log.info("account %s: registered", self.entry.name)

@@ -126,7 +126,6 @@ class CallEventKind(enum.Enum):
     REMOTE_RESUME = "remote-resume"
     DTMF = "dtmf"
     AUDIO_WARNING = "audio-warning"
-    TRANSFER_REQUEST = "transfer-request"
 
 
 @dataclass(frozen=True)
@@ -311,14 +310,6 @@ class StackCall:
     def headers(self) -> dict[str, str]:
         return {k.lower(): v for k, v in self._call.headers.items()}
 
-    @property
-    def established(self) -> bool:
-        return self._call.state is baresip.CallState.ESTABLISHED
-
-    @property
-    def closed(self) -> bool:
-        return self._call.state is baresip.CallState.CLOSED
-
     def on_event(self, listener: Callable[[CallEvent], None]) -> None:
         self._listeners.append(listener)
 
@@ -426,8 +417,3 @@ class StackCall:
         except baresip.AudioNotActive:
             raise MediaInactive("no audio") from None
 
-    def flush_tx(self) -> None:
-        try:
-            self._audio.flush_tx()
-        except baresip.BaresipError:
-            pass

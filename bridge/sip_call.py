@@ -34,7 +34,8 @@ import logging
 import numpy as np
 
 from agent.call import FRAME_SAMPLES
-from agent.session import CallSession
+from agent.once import BackgroundTasks
+from agent.session import FRAME_SECONDS, CallSession
 
 from .line_audio import LineAudio
 from .sip_adapter import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, StackCall,
@@ -45,7 +46,6 @@ __all__ = ["SipCall", "SipCallState", "LineSink"]
 
 log = logging.getLogger(__name__)
 
-FRAME_SECONDS = 0.02
 _AHEAD = 2  # frames queued in the stack beyond the one on the wire
 _MAX_BEHIND = 5  # after a stall longer than this many frames, skip ahead instead of bursting
 _READ_FRAMES = 4  # most frames taken from the stack per tick
@@ -83,12 +83,11 @@ class LineSink:
 
 class SipCall:
     def __init__(self, stack: StackCall, *, call_id: str, direction: str, metrics: SipMetrics,
-                 local: str = "", route: str = "", sink: LineSink | None = None) -> None:
+                 local: str = "", sink: LineSink | None = None) -> None:
         self.stack = stack
         self.call_id = call_id
         self.direction = direction
         self.local = local
-        self.route = route
         self.metrics = metrics
         self.state = SipCallState.RINGING
         self.session: CallSession | None = None
@@ -107,7 +106,7 @@ class SipCall:
         self._ticks = 0
         self._read_bytes = 0
         self._counted_active = False
-        self._bg: set[asyncio.Task] = set()
+        self._bg = BackgroundTasks()
         stack.on_event(self._on_event)
 
     # ---- session wiring --------------------------------------------------------------------
@@ -116,9 +115,9 @@ class SipCall:
         self.session = session
         session.on_hangup_request(self.hangup)
         if self.state is SipCallState.ENDED:  # the caller gave up while we were admitting
-            self._spawn(session.end(self.end_reason or "cancelled"))
+            self._bg.spawn(session.end(self.end_reason or "cancelled"))
         elif self.state is SipCallState.ACTIVE:
-            self._spawn(session.answered())
+            self._bg.spawn(session.answered())
 
     async def hangup(self, reason: str = "operator") -> None:
         """Hang up the wire (our side); the session ends on the stack's CLOSED event."""
@@ -169,15 +168,15 @@ class SipCall:
                 self.metrics.active.labels(direction=self.direction).inc()
                 self._counted_active = True
                 if self.session is not None:
-                    self._spawn(self.session.answered())
+                    self._bg.spawn(self.session.answered())
         elif kind is CallEventKind.CLOSED:
             reason = self._hangup_reason or (_remote_reason(event.text) if self.state is not SipCallState.RINGING
                                              else _unanswered_reason(event.text, self.direction))
             self.finish(reason, event.text)
         elif kind is CallEventKind.REMOTE_HOLD:
-            self._spawn(self._hold(True))
+            self._bg.spawn(self._hold(True))
         elif kind is CallEventKind.REMOTE_RESUME:
-            self._spawn(self._hold(False))
+            self._bg.spawn(self._hold(False))
         elif kind is CallEventKind.DTMF:
             if self.session is not None:
                 try:
@@ -217,12 +216,7 @@ class SipCall:
         log.info("SIP call %s %s ended: %s%s", self.call_id, self.direction, reason,
                  f" ({detail})" if detail and detail != reason else "")
         if self.session is not None:
-            self._spawn(self.session.end(reason))
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+            self._bg.spawn(self.session.end(reason))
 
     # ---- media (the shared ticker; event loop thread; never logs) -------------------------
 
@@ -257,7 +251,7 @@ class SipCall:
         if data:
             pcm = np.frombuffer(data, dtype=np.int16)
             if fmt.rx_channels == 2:
-                pcm = np.ascontiguousarray(pcm[0::2])  # both channels carry the same voice
+                pcm = pcm[0::2]  # both channels carry the same voice; the resampler copies a view
             self._inq.extend(line.receive(pcm))
         self._feed(now)
         due = int((now - self._t0) / FRAME_SECONDS) + _AHEAD

@@ -9,13 +9,13 @@ accounts) are read and checked when the leg starts, not here: this module never 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .options import Option, existing_path
+from .options import Option, existing_path, ip_address, redacted_repr
 
 __all__ = ["SipSettings", "SIP_OPTIONS", "CODECS", "parse_codecs", "parse_port_range", "parse_auth",
-           "parse_networks", "parse_rate", "parse_address"]
+           "parse_networks", "parse_rate"]
 
 # Codec names as the operator writes them, in the default preference order.
 CODECS = ("pcmu", "pcma", "g722", "opus")
@@ -72,13 +72,6 @@ def parse_rate(text: str) -> float:
     return value
 
 
-def parse_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
 def _yes_no(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "yes", "true", "on"):
@@ -97,7 +90,7 @@ class SipSettings:
     codecs: tuple[str, ...] = CODECS
     routes: Path | None = None
     accounts: Path | None = None
-    auth: tuple[str, str] | None = field(default=None, repr=False)
+    auth: tuple[str, str] | None = None  # a secret: __repr__ shows <set>
     allow: tuple[str, ...] = ()  # empty: every source may call
     invite_rate: float | None = None  # per-source INVITEs per second; None: unlimited
     max_calls: int = 255  # baresip's own ceiling per process
@@ -120,11 +113,7 @@ class SipSettings:
             raise ValueError("auth: expected USER:PASSWORD")
 
     def __repr__(self) -> str:
-        return (f"SipSettings(public_address={self.public_address!r}, rtp_ports={self.rtp_ports!r}, "
-                f"codecs={self.codecs!r}, routes={self.routes!r}, accounts={self.accounts!r}, "
-                f"auth={'<set>' if self.auth else None}, allow={self.allow!r}, "
-                f"invite_rate={self.invite_rate!r}, max_calls={self.max_calls!r}, "
-                f"shared_listen={self.shared_listen!r}, ring_timeout={self.ring_timeout!r})")
+        return redacted_repr(self, ("auth",))
 
 
 def _max_calls(text: str) -> int:
@@ -141,7 +130,7 @@ def _ring_timeout(text: str) -> float:
 
 
 SIP_OPTIONS: tuple[Option, ...] = (
-    Option("sip_public_address", parse_address, "address advertised to SIP peers (default: the "
+    Option("sip_public_address", ip_address, "address advertised to SIP peers (default: the "
            "--sip-listen address)", "IP", section="sip", field="public_address"),
     Option("rtp_ports", parse_port_range, "RTP port range (default 20000-29999; give each bridge "
            "process on a machine its own range)", "LOW-HIGH", section="sip", field="rtp_ports"),

@@ -288,16 +288,8 @@ class SipFront:
             return
         if msg.cseq_method == "INVITE" and msg.status >= 200:
             self._count_final(branch, msg.status)
-        dlc = header_param(ours, "dlc")
-        data = msg.encode()
-        if dlc is not None and dlc.isdigit():
-            transport = self._conns.get(int(dlc))
-            if transport is not None and not transport.is_closing():
-                transport.write(data)
-            return
-        dest = _via_destination(msg.top_via())
-        if dest is not None and self._udp is not None:
-            self._udp.sendto(data, dest)
+        dlc = header_param(ours, "dlc")  # the caller's TCP connection, when it came over TCP
+        self._send_down(msg.encode(), msg, int(dlc) if dlc is not None and dlc.isdigit() else None)
 
     def _count_final(self, branch: str, status: int) -> None:
         pending = self._pending.get(branch)

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
 
-from agent.control import require_admin
+from agent.control import json_error, require_admin
 
 from .sip_adapter import DialBusy, DialDeclined, DialFailed, DialNoAnswer, StackError, TransferRefused
+from .sip_leg import DialRefused
 
 if TYPE_CHECKING:
     from .sip_call import SipCall
@@ -36,24 +37,20 @@ __all__ = ["add_sip_routes"]
 _DIGITS = set("0123456789*#ABCDabcd")
 
 
-def _error(cls: type[web.HTTPException], message: str, **extra: object) -> web.HTTPException:
-    return cls(text=json.dumps({"error": message, **extra}), content_type="application/json")
-
-
 async def _body(request: web.Request) -> dict:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _error(web.HTTPBadRequest, "body must be a JSON object") from None
+        raise json_error(web.HTTPBadRequest, "body must be a JSON object") from None
     if not isinstance(body, dict):
-        raise _error(web.HTTPBadRequest, "body must be a JSON object")
+        raise json_error(web.HTTPBadRequest, "body must be a JSON object")
     return body
 
 
 def _sip_uri(body: dict, field: str) -> str:
     uri = body.get(field)
     if not isinstance(uri, str) or not uri.startswith(("sip:", "sips:")) or any(c in uri for c in " \r\n<>\""):
-        raise _error(web.HTTPBadRequest, f"{field!r} must be a SIP URI such as sip:1000@pbx.example.com")
+        raise json_error(web.HTTPBadRequest, f"{field!r} must be a SIP URI such as sip:1000@pbx.example.com")
     return uri
 
 
@@ -64,14 +61,14 @@ def add_sip_routes(app: web.Application, current_leg: Callable[[], "SipLeg | Non
     def the_leg() -> "SipLeg":
         leg = current_leg()
         if leg is None:
-            raise _error(web.HTTPServiceUnavailable, "the SIP leg is not running")
+            raise json_error(web.HTTPServiceUnavailable, "the SIP leg is not running")
         return leg
 
     def live_call(request: web.Request) -> "SipCall":
         call_id = request.match_info["id"]
         call = the_leg().get(call_id)
         if call is None:
-            raise _error(web.HTTPNotFound, f"no live SIP call {call_id!r} on this bridge")
+            raise json_error(web.HTTPNotFound, f"no live SIP call {call_id!r} on this bridge")
         return call
 
     async def dial(request: web.Request) -> web.Response:
@@ -80,23 +77,21 @@ def add_sip_routes(app: web.Application, current_leg: Callable[[], "SipLeg | Non
         uri = _sip_uri(body, "to")
         account = body.get("account")
         if account is not None and not isinstance(account, str):
-            raise _error(web.HTTPBadRequest, "'account' must be a string")
+            raise json_error(web.HTTPBadRequest, "'account' must be a string")
         timeout = body.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 < timeout <= 300):
-            raise _error(web.HTTPBadRequest, "'timeout' must be seconds in (0, 300]")
-        from .sip_leg import DialRefused
-
+            raise json_error(web.HTTPBadRequest, "'timeout' must be seconds in (0, 300]")
         try:
             call = await the_leg().dial(uri, account, timeout)
         except DialRefused as exc:
             status = {404: web.HTTPNotFound, 409: web.HTTPConflict}.get(exc.status, web.HTTPServiceUnavailable)
-            raise _error(status, str(exc), outcome="refused") from None
+            raise json_error(status, str(exc), outcome="refused") from None
         except (DialBusy, DialDeclined) as exc:
-            raise _error(web.HTTPConflict, str(exc), outcome=exc.outcome, status=exc.status) from None
+            raise json_error(web.HTTPConflict, str(exc), outcome=exc.outcome, status=exc.status) from None
         except DialNoAnswer as exc:
-            raise _error(web.HTTPGatewayTimeout, str(exc), outcome=exc.outcome, status=exc.status) from None
+            raise json_error(web.HTTPGatewayTimeout, str(exc), outcome=exc.outcome, status=exc.status) from None
         except DialFailed as exc:
-            raise _error(web.HTTPBadGateway, str(exc), outcome=exc.outcome, status=exc.status) from None
+            raise json_error(web.HTTPBadGateway, str(exc), outcome=exc.outcome, status=exc.status) from None
         return web.json_response({"call_id": call.call_id, "outcome": "answered", "to": uri}, status=201)
 
     async def dtmf(request: web.Request) -> web.Response:
@@ -104,11 +99,11 @@ def add_sip_routes(app: web.Application, current_leg: Callable[[], "SipLeg | Non
         call = live_call(request)
         digits = (await _body(request)).get("digits")
         if not isinstance(digits, str) or not digits or len(digits) > 64 or set(digits) - _DIGITS:
-            raise _error(web.HTTPBadRequest, "'digits' must be 1-64 of 0-9 * # A-D")
+            raise json_error(web.HTTPBadRequest, "'digits' must be 1-64 of 0-9 * # A-D")
         try:
             await call.send_dtmf(digits)
         except StackError as exc:
-            raise _error(web.HTTPConflict, str(exc)) from None
+            raise json_error(web.HTTPConflict, str(exc)) from None
         return web.json_response({"call_id": call.call_id, "sent": digits.upper()})
 
     async def transfer(request: web.Request) -> web.Response:
@@ -119,10 +114,10 @@ def add_sip_routes(app: web.Application, current_leg: Callable[[], "SipLeg | Non
             await call.transfer(uri)
         except TransferRefused as exc:
             the_leg().metrics.transfers.labels(outcome="failed").inc()
-            raise _error(web.HTTPConflict, str(exc), status=exc.status) from None
+            raise json_error(web.HTTPConflict, str(exc), status=exc.status) from None
         except StackError as exc:
             the_leg().metrics.transfers.labels(outcome="failed").inc()
-            raise _error(web.HTTPConflict, str(exc)) from None
+            raise json_error(web.HTTPConflict, str(exc)) from None
         the_leg().metrics.transfers.labels(outcome="transferred").inc()
         return web.json_response({"call_id": call.call_id, "transferred": True, "to": uri})
 
@@ -131,11 +126,11 @@ def add_sip_routes(app: web.Application, current_leg: Callable[[], "SipLeg | Non
         call = live_call(request)
         on = (await _body(request)).get("hold", True)
         if not isinstance(on, bool):
-            raise _error(web.HTTPBadRequest, "'hold' must be true or false")
+            raise json_error(web.HTTPBadRequest, "'hold' must be true or false")
         try:
             await call.set_hold(on)
         except StackError as exc:
-            raise _error(web.HTTPConflict, str(exc)) from None
+            raise json_error(web.HTTPConflict, str(exc)) from None
         return web.json_response({"call_id": call.call_id, "hold": on})
 
     async def describe(_: web.Request) -> web.Response:

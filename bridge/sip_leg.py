@@ -29,7 +29,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from agent.call import CallInfo, CallRefused
-from agent.once import Once
+from agent.once import BackgroundTasks, Once
 from agent.store import Transport
 
 from .errors import BridgeError, ConfigError
@@ -88,7 +88,7 @@ class SipLeg:
         self._calls: dict[str, SipCall] = {}
         self._key = os.urandom(8).hex()  # proves a forwarded INVITE came through our front
         self._closing = Once()
-        self._bg: set[asyncio.Task] = set()
+        self._bg = BackgroundTasks()
         self.siblings: Siblings | None = None
         self._publisher: asyncio.Task | None = None
 
@@ -166,8 +166,7 @@ class SipLeg:
         await self.stack.close()
         for call in list(self._calls.values()):
             call.finish("shutdown")  # no close report comes from a stopped stack
-        if self._bg:
-            await asyncio.wait(list(self._bg), timeout=5.0)
+        await self._bg.wait(5.0)
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -189,32 +188,32 @@ class SipLeg:
         route = self.routes.by_name(route_name) if key == self._key else None
         if route is None:
             log.warning("refusing a call from %s that did not come through the SIP front", stack_call.peer)
-            self._spawn(stack_call.reject())
+            self._bg.spawn(stack_call.reject())
             return
         called = headers.get(CALLED_HEADER.lower(), "")
-        self._admit_and_answer(stack_call, local=called, route=route.name)
+        self._admit_and_answer(stack_call, local=called)
 
     def _on_account_call(self, entry: AccountEntry, stack_call: StackCall) -> None:
         if self.draining or self.manager.draining:
             self.metrics.invites.labels(outcome="486").inc()
-            self._spawn(stack_call.reject())
+            self._bg.spawn(stack_call.reject())
             return
         route = self.routes.lookup(entry.spec.user)
         if route is None:
             self.metrics.invites.labels(outcome="486").inc()
             log.info("call to account %s: no route for %r; refused", entry.name, entry.spec.user)
-            self._spawn(stack_call.reject())
+            self._bg.spawn(stack_call.reject())
             return
-        self._admit_and_answer(stack_call, local=entry.spec.user, route=route.name)
+        self._admit_and_answer(stack_call, local=entry.spec.user)
 
-    def _admit_and_answer(self, stack_call: StackCall, *, local: str, route: str) -> None:
+    def _admit_and_answer(self, stack_call: StackCall, *, local: str) -> None:
         call_id = stack_call.call_id or f"sip-{uuid.uuid4().hex[:12]}"
         if call_id in self._calls:
-            self._spawn(stack_call.reject())
+            self._bg.spawn(stack_call.reject())
             return
-        call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local, route=route)
+        call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local)
         self._track(call)
-        self._spawn(self._answer(call))
+        self._bg.spawn(self._answer(call))
 
     async def _answer(self, call: SipCall) -> None:
         info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local)
@@ -260,9 +259,7 @@ class SipLeg:
         try:
             stack_call = await acc.dial(uri)
         except DialFailed as exc:
-            self.metrics.outbound.labels(outcome=exc.outcome).inc()
-            log.info("outbound call %s to %s: %s", call_id, uri, exc.outcome)
-            await session.end(exc.outcome.replace("_", "-"))
+            await session.end(self._dial_failed(call_id, uri, exc))
             raise
         call = SipCall(stack_call, call_id=call_id, direction="out", metrics=self.metrics, local=acc.spec.user,
                        sink=sink)
@@ -278,12 +275,16 @@ class SipLeg:
                 await call.hangup("no-answer")
                 raise DialNoAnswer(f"not answered within {ring:g} s") from None
         except DialFailed as exc:
-            self.metrics.outbound.labels(outcome=exc.outcome).inc()
-            log.info("outbound call %s to %s: %s", call_id, uri, exc.outcome)
-            call.finish(exc.outcome.replace("_", "-"))
+            call.finish(self._dial_failed(call_id, uri, exc))
             raise
         self.metrics.outbound.labels(outcome="answered").inc()
         return call
+
+    def _dial_failed(self, call_id: str, uri: str, exc: DialFailed) -> str:
+        """Count and log an outbound call that was not answered; the end reason for it."""
+        self.metrics.outbound.labels(outcome=exc.outcome).inc()
+        log.info("outbound call %s to %s: %s", call_id, uri, exc.outcome)
+        return exc.outcome.replace("_", "-")
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -311,10 +312,6 @@ class SipLeg:
             except OSError as exc:
                 log.warning("cannot publish SIP load to %s: %s", self.siblings.dir, exc)
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
 
 
 def _free_port(host: str) -> int:

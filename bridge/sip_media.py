@@ -54,9 +54,6 @@ class MediaTicker:
         except ValueError:
             pass
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._next = self._loop.time() + self.period

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import BridgeError
 
-__all__ = ["SipParseError", "SipMessage", "parse", "uri_user", "uri_hostport", "header_param",
+__all__ = ["SipParseError", "SipMessage", "parse", "uri_user", "header_param",
            "split_frames"]
 
 _COMPACT = {"v": "Via", "f": "From", "t": "To", "i": "Call-ID", "m": "Contact", "l": "Content-Length",
@@ -54,10 +54,6 @@ class SipMessage:
             if n.lower() == key:
                 return v
         return None
-
-    def get_all(self, name: str) -> list[str]:
-        key = name.lower()
-        return [v for n, v in self.headers if n.lower() == key]
 
     def set(self, name: str, value: str) -> None:
         """Replace the first header of that name (or append it)."""
@@ -247,17 +243,3 @@ def uri_user(uri: str) -> str:
     if not at:
         return ""
     return userinfo.split(":", 1)[0].split(";", 1)[0]
-
-
-def uri_hostport(uri: str) -> tuple[str, int | None]:
-    """Host and port of a SIP URI (port None when absent)."""
-    if "<" in uri:
-        uri = uri.split("<", 1)[1].split(">", 1)[0]
-    rest = uri.partition(":")[2]
-    hostpart = rest.rpartition("@")[2].split(";", 1)[0].split("?", 1)[0]
-    if hostpart.startswith("["):
-        host, _, port = hostpart[1:].partition("]")
-        port = port.lstrip(":")
-    else:
-        host, _, port = hostpart.partition(":")
-    return host, int(port) if port.isdigit() else None

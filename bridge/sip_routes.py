@@ -17,6 +17,7 @@ route naming another agent is a configuration error at start, not a surprise mid
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from .errors import ConfigError
 from .options import json_entries
 
 __all__ = ["Route", "RouteTable"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class RouteTable:
             settings = item.get("settings", {})
             if not isinstance(settings, dict):
                 raise ConfigError("sip_routes", str(path), f"{where}: 'settings' must be an object")
+            if settings:  # kept with the route; no agent takes per-route settings yet: say so
+                log.warning("%s: %s: 'settings' %s are not used by agent %r yet", path, where, sorted(settings), agent)
             routes.append(Route(match, agent, str(item.get("name") or match), settings))
         return cls(routes)
 

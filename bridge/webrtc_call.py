@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from agent.once import Once
+from agent.once import BackgroundTasks, Once
 from agent.session import CallSession
 
 from .line_audio import LineAudio
@@ -71,7 +71,7 @@ class WebRtcCall:
         self._connect_timeout = connect_timeout
         self._ending = Once()
         self._timer: asyncio.TimerHandle | None = None
-        self._bg: set[asyncio.Task] = set()
+        self._bg = BackgroundTasks()
         self.peer = make_peer(on_audio=self._audio_in, pull_audio=self._audio_out,
                               on_message=self._message, on_state=self._state)
         metrics.peers.inc()
@@ -83,10 +83,6 @@ class WebRtcCall:
         answer = await self.peer.accept(offer_sdp)
         self._timer = asyncio.get_running_loop().call_later(self._connect_timeout, self._connect_timed_out)
         return answer
-
-    @property
-    def playout_ms(self) -> float:
-        return self._outbound.depth_ms
 
     # ---- the hot path -----------------------------------------------------------------
 
@@ -116,12 +112,12 @@ class WebRtcCall:
             if self._timer is not None:
                 self._timer.cancel()
             self._metrics.connect.observe(time.monotonic() - self.created)
-            self._spawn(self.session.answered())
+            self._bg.spawn(self.session.answered())
             log.info("call %s: connected in %.0f ms", self.call_id, (time.monotonic() - self.created) * 1000)
         elif state == "channel-open":
             self.send("hello", {"call_id": self.call_id})
         elif state in ("failed", "closed"):
-            self._spawn(self.end("connection-lost"))
+            self._bg.spawn(self.end("connection-lost"))
 
     def _message(self, text: str) -> None:
         self._metrics.messages.labels(direction="in").inc()
@@ -142,14 +138,14 @@ class WebRtcCall:
         elif kind == "ping":
             self.send("pong", {"t": message.get("t")})
         elif kind == "hangup":
-            self._spawn(self.end("remote-hangup"))
+            self._bg.spawn(self.end("remote-hangup"))
         else:
             self.send("error", {"message": f"unknown message type {str(kind)[:40]!r}"})
 
     def _connect_timed_out(self) -> None:
         if self.phase is CallPhase.ANSWERED:
             log.info("call %s: no connection within %.0f s", self.call_id, self._connect_timeout)
-            self._spawn(self.end("ice-timeout"))
+            self._bg.spawn(self.end("ice-timeout"))
 
     async def _hangup_requested(self, reason: str) -> None:
         """The operator (POST /calls/{id}/hangup) or a drain hangs up: tell the page why."""
@@ -184,11 +180,6 @@ class WebRtcCall:
                     log.warning("call %s: the audio handler failed on %d frames", self.call_id,
                                 stats.handler_errors)
                 log.info("webrtc call %s ended (%s): packets in=%d out=%d decode_errors=%d late=%d resyncs=%d",
-                         self.call_id, reason, stats.frames_in, stats.frames_out, stats.decode_errors,
+                         self.call_id, reason, stats.frames_in, self.session.frames_out, stats.decode_errors,
                          stats.late_packets, stats.resyncs)
                 self._on_ended(self)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)

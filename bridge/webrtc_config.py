@@ -16,11 +16,10 @@ The offer token is a secret: `repr` never shows it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from dataclasses import dataclass, field
 
-from .options import Option, choice, positive_int
+from .options import Option, choice, ip_address, positive_int, redacted_repr
 
 __all__ = ["IceServer", "WebRtcSettings", "WEBRTC_OPTIONS", "MEDIA_PATHS", "parse_ice_servers"]
 
@@ -82,13 +81,6 @@ def parse_ice_servers(text: str) -> tuple[IceServer, ...]:
     return tuple(IceServer((url.strip(),)) for url in text.split(",") if url.strip())
 
 
-def _ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
 def _token(text: str) -> str:
     if len(text) < 16 or any(c.isspace() for c in text):
         raise ValueError("a token must be at least 16 characters, without spaces")
@@ -99,7 +91,7 @@ def _token(text: str) -> str:
 class WebRtcSettings:
     ice_servers: tuple[IceServer, ...] = ()
     public_address: str | None = None
-    token: str | None = field(default=None, repr=False)
+    token: str | None = None  # a secret: __repr__ shows <set>
     max_calls: int = 100
     media: str = "fast"
 
@@ -108,9 +100,9 @@ class WebRtcSettings:
             raise ValueError("ice_servers: must be a tuple of IceServer")
         if self.public_address is not None:
             try:
-                ipaddress.ip_address(self.public_address)
-            except ValueError:
-                raise ValueError(f"public_address: {self.public_address!r} is not an IP address") from None
+                ip_address(self.public_address)
+            except ValueError as exc:
+                raise ValueError(f"public_address: {exc}") from None
         if self.token is not None:
             _token(self.token)  # the same rule for code that builds settings by hand
         if not 1 <= self.max_calls <= _MAX_CALLS_LIMIT:
@@ -119,8 +111,7 @@ class WebRtcSettings:
             raise ValueError(f"media: must be one of {', '.join(MEDIA_PATHS)}, got {self.media!r}")
 
     def __repr__(self) -> str:
-        return (f"WebRtcSettings(ice_servers={self.ice_servers!r}, public_address={self.public_address!r}, "
-                f"token={'<set>' if self.token else None}, max_calls={self.max_calls}, media={self.media!r})")
+        return redacted_repr(self, ("token",))
 
 
 WEBRTC_OPTIONS: tuple[Option, ...] = (
@@ -128,7 +119,7 @@ WEBRTC_OPTIONS: tuple[Option, ...] = (
            "STUN/TURN servers for WebRTC calls: a JSON list of RTCIceServer objects or a comma list of "
            "stun: URLs (default: none; loopback and LAN calls need none)", "SERVERS",
            section="webrtc", field="ice_servers"),
-    Option("webrtc_public_address", _ip_address,
+    Option("webrtc_public_address", ip_address,
            "IP address to announce for WebRTC media instead of the host's own (1:1 NAT; default: none)",
            "IP", section="webrtc", field="public_address"),
     Option("webrtc_token", _token,

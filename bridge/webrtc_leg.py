@@ -10,8 +10,8 @@ process's own limit (`--webrtc-max-calls`, 503 server-full), then the manager (b
 draining, from the agent or the engine), and only then is a peer connection built. Any
 failure after admission ends the session again, so a refused offer leaves nothing behind.
 
-No per-call timers beyond aiortc's own: the page measures its round trip with pings,
-and the agent's latency figures arrive as events (a once-a-second "stats" event per call
+No per-call timers beyond aiortc's own: the page takes the round trip from its own
+getStats, and the agent's latency figures arrive as events (a once-a-second "stats" event per call
 cost 4-5% of the process's CPU at 30 calls in SCTP work; see docs/webrtc.md).
 """
 
@@ -65,6 +65,10 @@ class WebRtcLeg:
                  peer_class: type) -> None:
         self.settings = settings
         self._peer_class = peer_class
+        fast = settings.media == "fast"
+        self._receive_rate = peer_class.receive_rate(fast)
+        self._make_peer = functools.partial(peer_class, ice_servers=settings.ice_servers,
+                                            public_address=settings.public_address, fast=fast)
         self.manager = manager
         self.metrics = metrics
         self.draining = False
@@ -105,17 +109,14 @@ class WebRtcLeg:
         self._opening += 1
         try:
             call_id = uuid.uuid4().hex
-            inbound = LineAudio(self._peer_class.receive_rate(self.settings.media == "fast"))
+            inbound = LineAudio(self._receive_rate)
             outbound = LineAudio(self._peer_class.SEND_RATE)  # the session's AudioSink
             try:
                 session = await self.manager.admit(CallInfo(call_id, Transport.WEBRTC, remote, local), outbound)
             except CallRefused as exc:
                 raise _refusal(exc) from None
-            make_peer = functools.partial(self._peer_class, ice_servers=self.settings.ice_servers,
-                                          public_address=self.settings.public_address,
-                                          fast=self.settings.media == "fast")
             try:
-                call = WebRtcCall(call_id, session, inbound, outbound, self.metrics, make_peer=make_peer,
+                call = WebRtcCall(call_id, session, inbound, outbound, self.metrics, make_peer=self._make_peer,
                                   connect_timeout=CONNECT_TIMEOUT, on_ended=self._ended)
             except BaseException:
                 await session.end("offer-failed")

@@ -93,7 +93,6 @@ class PeerStats:
     """Counted on the hot path instead of logged; the call reads them when it ends."""
 
     frames_in: int = 0
-    frames_out: int = 0
     decode_errors: int = 0
     late_packets: int = 0  # arrived after a newer one: dropped (fast path)
     resyncs: int = 0  # the send clock was more than _MAX_LAG_FRAMES behind
@@ -255,43 +254,36 @@ class _PacedTrack(MediaStreamTrack):
         self._pull = pull_audio
         self._stats = stats
         self._encoder = _OpusEncoder() if encode else None
+        self._time_base = fractions.Fraction(1, rate)
         self._start: float | None = None
         self._n = 0
-        self._pending: list[av.Packet] = []
 
     async def recv(self):
         if self.readyState != "live":
             raise MediaStreamError
-        if self._pending:
-            return self._pending.pop(0)
         loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            if self._start is None:
-                self._start = now
-            due = self._start + self._n * _FRAME_SECONDS
-            if due > now:
-                await asyncio.sleep(due - now)
-            elif now - due > _MAX_LAG_FRAMES * _FRAME_SECONDS:
-                self._stats.resyncs += 1  # a stalled loop: drop the lag instead of bursting
-                self._start = now - self._n * _FRAME_SECONDS
-            try:
-                pcm = self._pull()
-            except Exception:
-                self._stats.handler_errors += 1
-                pcm = self._silence
-            self._n += 1
-            self._stats.frames_out += 1
-            if self._encoder is None:
-                frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-                frame.sample_rate = self._rate
-                frame.time_base = fractions.Fraction(1, self._rate)
-                frame.pts = (self._n - 1) * len(pcm)
-                return frame
-            packets = self._encoder.encode(pcm)
-            if packets:  # none only while libopus fills its look-ahead
-                self._pending.extend(packets[1:])
-                return packets[0]
+        now = loop.time()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._n * _FRAME_SECONDS
+        if due > now:
+            await asyncio.sleep(due - now)
+        elif now - due > _MAX_LAG_FRAMES * _FRAME_SECONDS:
+            self._stats.resyncs += 1  # a stalled loop: drop the lag instead of bursting
+            self._start = now - self._n * _FRAME_SECONDS
+        try:
+            pcm = self._pull()
+        except Exception:
+            self._stats.handler_errors += 1
+            pcm = self._silence
+        self._n += 1
+        if self._encoder is not None:
+            return self._encoder.encode(pcm)[0]  # one packet per frame, always
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        frame.time_base = self._time_base
+        frame.pts = (self._n - 1) * len(pcm)
+        return frame
 
 
 # ---- the peer --------------------------------------------------------------------------------
@@ -331,10 +323,6 @@ class WebRtcPeer:
         self._pc.on("connectionstatechange", self._state_changed)
         self._pc.on("datachannel", self._datachannel)
         self._pc.on("track", self._remote_track)
-
-    @property
-    def state(self) -> str:
-        return self._pc.connectionState
 
     async def accept(self, offer_sdp: str) -> str:
         """Take the browser's offer, return the answer (all host candidates included, so no

@@ -17,12 +17,13 @@ log. The page itself is public: it holds nothing secret.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from agent.control import bearer_ok
 
 from .webrtc_config import WebRtcSettings
 from .webrtc_errors import OfferRejected
@@ -48,10 +49,7 @@ def error_response(exc: OfferRejected) -> web.Response:
 
 
 def _authorized(request: web.Request, token: str | None) -> bool:
-    if not token:
-        return True
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return not token or bearer_ok(request, token)
 
 
 def _unauthorized() -> OfferRejected:

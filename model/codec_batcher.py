@@ -31,10 +31,6 @@ class TokenizerBatcher(WorkerThread):
         self._queue: list[tuple[TokenizerStream, np.ndarray, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self.batches = 0
 
-    def start(self) -> "TokenizerBatcher":
-        self._start_thread()
-        return self
-
     async def push(self, stream: TokenizerStream, pcm: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()

@@ -26,6 +26,11 @@ class WorkerThread:
         self._thread.start()
         return True
 
+    def start(self):
+        """Start the thread (idempotent); returns self."""
+        self._start_thread()
+        return self
+
     def _run(self) -> None:
         raise NotImplementedError
 

@@ -3,8 +3,8 @@
 //
 //   Call   -> getUserMedia -> RTCPeerConnection (+ data channel "events") -> offer
 //          -> POST /webrtc/offer -> answer -> connected
-//   data channel in:  {"event": kind, "data": {...}}  text, turn, latency, stats, pong, hangup, error
-//   data channel out: {"type": "dtmf", "digits"} | {"type": "ping", "t"} | {"type": "hangup"}
+//   data channel in:  {"event": kind, "data": {...}}  text, turn, latency, dtmf, hangup, error
+//   data channel out: {"type": "dtmf", "digits"} | {"type": "hangup"}
 //   Hang up -> DELETE /webrtc/calls/{id}, close the peer connection.
 //
 // `window.softphone` exposes the call's state, events and the last seconds of both
@@ -14,7 +14,7 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const KEEP_SECONDS = 20;
-  const STATS_MS = 2000; // a ping and a getStats every 2 s: cheap for the server too
+  const STATS_MS = 2000; // the network RTT from the browser's own getStats: costs the server nothing
   const DISCONNECT_GRACE_MS = 5000;
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
   const options = new URLSearchParams(location.search);
@@ -226,7 +226,7 @@
     let msg;
     try { msg = JSON.parse(text); } catch (e) { return; }
     const kind = msg.event, data = msg.data || {};
-    if (kind !== "stats" && kind !== "pong") phone.events.push({ kind, data, at: Date.now() });
+    phone.events.push({ kind, data, at: Date.now() });
     if (kind === "text") {
       phone.transcript += data.text;
       const t = $("transcript");
@@ -242,8 +242,6 @@
         phone.firstAudioMs = data.first_audio_ms;
         $("first-audio").textContent = Math.round(data.first_audio_ms) + " ms";
       }
-    } else if (kind === "pong" && typeof data.t === "number") {
-      phone.channelRttMs = performance.now() - data.t;
     } else if (kind === "dtmf") {
       $("keys-sent").textContent = "Keys heard by the line: " + (phone.keysHeard = (phone.keysHeard || "") + data.digits);
     } else if (kind === "hangup") {
@@ -256,7 +254,6 @@
 
   async function tick() {
     if (!pc || phone.state !== "in-call") return;
-    if (channel && channel.readyState === "open") channel.send(JSON.stringify({ type: "ping", t: performance.now() }));
     try {
       const report = await pc.getStats();
       report.forEach((s) => {

@@ -30,8 +30,9 @@ SEL = 'job=~"$job", instance=~"$instance"'  # every query's selector
 TTFA_BUDGET = 1.2  # seconds; the same budget as DuplexlineTimeToFirstAudioHigh in alerts.yml
 
 
-def q(expr: str, legend: str = "", ref: str = "A") -> dict:
-    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": ref,
+def q(expr: str, legend: str = "") -> dict:
+    """One query; its refId is set by the panel that holds it (refs)."""
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": "A",
             "range": True}
 
 
@@ -39,11 +40,11 @@ def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.99), pr
     """p50/p99 (by default) of a histogram over 5 minutes, optionally split by a label."""
     group = f"{by}, le" if by else "le"
     out = []
-    for i, quantile in enumerate(qs):
+    for quantile in qs:
         name = f"p{int(quantile * 100)}"
         legend = f"{prefix}{name}" + (f" {{{{{by}}}}}" if by else "")
         out.append(q(f"histogram_quantile({quantile}, sum by ({group}) "
-                     f"(rate({metric}_bucket{{{SEL}}}[5m])))", legend, chr(ord("A") + i)))
+                     f"(rate({metric}_bucket{{{SEL}}}[5m])))", legend))
     return out
 
 
@@ -102,11 +103,20 @@ def up_down(up: str = "up", down: str = "down") -> list[dict]:
                                           "1": {"text": up, "color": "green", "index": 1}}}]
 
 
+DASHED = {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}
+
+
 def series_color(name: str, color: str, dashed: bool = False) -> dict:
     props: list[dict] = [{"id": "color", "value": {"mode": "fixed", "fixedColor": color}}]
     if dashed:
-        props.append({"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}})
+        props.append(DASHED)
     return {"matcher": {"id": "byName", "options": name}, "properties": props}
+
+
+def right_axis(name: str) -> dict:
+    """A count drawn against the right axis of a panel whose left axis is seconds."""
+    return {"matcher": {"id": "byName", "options": name},
+            "properties": [{"id": "unit", "value": "short"}, {"id": "custom.axisPlacement", "value": "right"}]}
 
 
 def row(title: str) -> dict:
@@ -168,17 +178,13 @@ def panels() -> list[tuple[dict, int, int]]:
                     "call's frame clock (p50, p99), and frames more than one frame period late.",
                     quantiles("duplexline_agent_frame_lateness_seconds")
                     + [q(f"sum(rate(duplexline_agent_late_frames_total{{{SEL}}}[5m]))", "late frames/s")],
-                    "s", overrides=[{"matcher": {"id": "byName", "options": "late frames/s"},
-                                     "properties": [{"id": "unit", "value": "short"},
-                                                    {"id": "custom.axisPlacement", "value": "right"}]}]),
+                    "s", overrides=[right_axis("late frames/s")]),
          8, 8),
         (timeseries("Barge-in flush time", "From the model going silent on a user interruption to "
                     "playout flushed (p50, p99); barge-ins per minute on the right axis.",
                     quantiles("duplexline_agent_bargein_flush_seconds")
                     + [q(f"sum(rate(duplexline_agent_bargeins_total{{{SEL}}}[5m])) {per_min}", "barge-ins/min")],
-                    "s", overrides=[{"matcher": {"id": "byName", "options": "barge-ins/min"},
-                                     "properties": [{"id": "unit", "value": "short"},
-                                                    {"id": "custom.axisPlacement", "value": "right"}]}]),
+                    "s", overrides=[right_axis("barge-ins/min")]),
          8, 8),
         (timeseries("Playout depth", "Assistant audio queued for playout at each chunk (p50, p99): "
                     "growing means the caller hears the assistant later and later.",
@@ -204,8 +210,7 @@ def panels() -> list[tuple[dict, int, int]]:
                      q(f"sum by (instance) (duplexline_engine_slots_used{{{SEL}}})", "slots used {{instance}}"),
                      q(f"sum by (instance) (duplexline_engine_slots_total{{{SEL}}})", "slots total {{instance}}")],
                     overrides=[{"matcher": {"id": "byRegexp", "options": "slots total.*"},
-                                "properties": [{"id": "custom.lineStyle",
-                                                "value": {"fill": "dash", "dash": [10, 10]}}]}]), 8, 8),
+                                "properties": [DASHED]}]), 8, 8),
         (timeseries("Missed deadlines and refusals (per second)", "Chunk results later than one "
                     "chunk period, and sessions the engine would not admit, by reason.",
                     [q(f"sum by (instance) (rate(duplexline_engine_missed_deadlines_total{{{SEL}}}[5m]))",

@@ -23,11 +23,6 @@ DELAYS: dict[str, list[float]] = {}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sip-echo")
-
-
-@pytest.fixture(scope="module")
 def bridge(workdir):
     routes = workdir / "routes.json"
     routes.write_text(json.dumps({"routes": [{"match": "bot", "agent": "echo"},

@@ -15,11 +15,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sip-omniflatten")
-
-
-@pytest.fixture(scope="module")
 def bridge(workdir):
     with BridgeProcess("--agent", "omniflatten", "--slots", "1", "--device", "cpu", "--rtp-ports", "23000-23999",
                        workdir=workdir) as server:

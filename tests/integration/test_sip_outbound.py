@@ -20,11 +20,6 @@ TOKEN = "t0ken"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sip-outbound")
-
-
-@pytest.fixture(scope="module")
 def bridge(workdir):
     with BridgeProcess("--agent", "echo", "--rtp-ports", "25000-25999", workdir=workdir,
                        token=TOKEN) as server:

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sip-protection")
-
-
-@pytest.fixture(scope="module")
 def guarded(workdir):
     routes = workdir / "routes.json"
     routes.write_text(json.dumps({"routes": [{"match": "bot"}]}))
