@@ -203,7 +203,9 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "bridge.cli", "serve", "--agent", "echo", "--log-level", "WARNING",
                  "--sip-listen", f"127.0.0.1:{sip}", "--sip-shared-listen", "yes", "--http-listen",
-                 f"127.0.0.1:{http}", "--rtp-ports", f"{20000 + i * 1000}-{20999 + i * 1000}"],
+                 f"127.0.0.1:{http}", "--rtp-ports", f"{20000 + i * 1000}-{20999 + i * 1000}",
+                 # every call comes from 127.0.0.1 at 25 a second: a trunk, not a flood
+                 "--sip-invite-rate", "1000", "--sip-max-pending", "255", "--sip-max-pending-per-source", "255"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_affinity(server_cpus)))
         deadline = time.monotonic() + 60
         for proc, http in zip(procs, https):

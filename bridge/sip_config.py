@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import Option, existing_path, ip_address, redacted_repr
+from .options import Option, existing_path, ip_address, positive_int, redacted_repr, seconds
 
 __all__ = ["SipSettings", "SIP_OPTIONS", "CODECS", "parse_codecs", "parse_port_range", "parse_auth",
            "parse_networks", "parse_rate"]
@@ -92,7 +92,11 @@ class SipSettings:
     accounts: Path | None = None
     auth: tuple[str, str] | None = None  # a secret: __repr__ shows <set>
     allow: tuple[str, ...] = ()  # empty: every source may call
-    invite_rate: float | None = None  # per-source INVITEs per second; None: unlimited
+    invite_rate: float = 20.0  # per-source new requests (INVITE, OPTIONS, REGISTER...) per second
+    max_pending: int = 64  # INVITEs not yet answered and ACKed, in total
+    max_pending_per_source: int = 16  # ... from one source address
+    tcp_max_connections: int = 1024  # SIP TCP connections held open at once
+    tcp_idle_timeout: float = 60.0  # seconds a SIP TCP connection may stay silent
     max_calls: int = 255  # baresip's own ceiling per process
     shared_listen: bool = False  # SO_REUSEPORT: several processes behind one SIP address
     ring_timeout: float = 30.0  # outbound: how long a dialled call may ring
@@ -103,8 +107,15 @@ class SipSettings:
             raise ValueError(f"rtp_ports: {lo}-{hi} must be a range within 1024-65535, low < high")
         if not self.codecs or any(c not in CODECS for c in self.codecs):
             raise ValueError(f"codecs: {self.codecs!r} must name some of {', '.join(CODECS)}")
-        if self.invite_rate is not None and not self.invite_rate > 0:
+        if not self.invite_rate > 0:
             raise ValueError(f"invite_rate: {self.invite_rate!r} must be > 0")
+        if not 1 <= self.max_pending_per_source <= self.max_pending <= 10_000:
+            raise ValueError(f"max_pending_per_source ({self.max_pending_per_source}) and max_pending "
+                             f"({self.max_pending}) must satisfy 1 <= per source <= total <= 10000")
+        if not 1 <= self.tcp_max_connections <= 100_000:
+            raise ValueError(f"tcp_max_connections: {self.tcp_max_connections} must be 1..100000")
+        if not self.tcp_idle_timeout > 0:
+            raise ValueError(f"tcp_idle_timeout: {self.tcp_idle_timeout!r} must be > 0 seconds")
         if not 1 <= self.max_calls <= 255:
             raise ValueError(f"max_calls: {self.max_calls} must be 1..255 (baresip's limit per process)")
         if not self.ring_timeout > 0:
@@ -120,13 +131,6 @@ def _max_calls(text: str) -> int:
     if not text.strip().isdigit():
         raise ValueError("expected a whole number 1..255")
     return int(text)
-
-
-def _ring_timeout(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError("expected seconds") from None
 
 
 SIP_OPTIONS: tuple[Option, ...] = (
@@ -145,12 +149,21 @@ SIP_OPTIONS: tuple[Option, ...] = (
            "(default: none)", "USER:PASSWORD", section="sip", field="auth"),
     Option("sip_allow", parse_networks, "only these source networks may send INVITEs, "
            "e.g. 10.0.0.0/8,127.0.0.1/32 (default: any)", "CIDRS", section="sip", field="allow"),
-    Option("sip_invite_rate", parse_rate, "per-source INVITE rate limit, INVITEs per second with a "
-           "burst of twice that (default: unlimited)", "RATE", section="sip", field="invite_rate"),
+    Option("sip_invite_rate", parse_rate, "per-source limit on new SIP requests (INVITE, OPTIONS, REGISTER, "
+           "...) per second, with a burst of twice that; an INVITE over it gets 503 + Retry-After, "
+           "anything else is dropped (default 20)", "RATE", section="sip", field="invite_rate"),
+    Option("sip_max_pending", positive_int, "INVITEs not yet answered and ACKed the process holds at once; "
+           "more get 503 + Retry-After (default 64)", "N", section="sip", field="max_pending"),
+    Option("sip_max_pending_per_source", positive_int, "the same from one source address (default 16)",
+           "N", section="sip", field="max_pending_per_source"),
+    Option("sip_tcp_max_connections", positive_int, "SIP TCP connections held open at once; at most 32 per "
+           "source address (default 1024)", "N", section="sip", field="tcp_max_connections"),
+    Option("sip_tcp_idle_timeout", seconds, "seconds a SIP TCP connection may stay silent before it is "
+           "closed (default 60; half a message is given 10)", "SECONDS", section="sip", field="tcp_idle_timeout"),
     Option("sip_max_calls", _max_calls, "most SIP calls this process holds (default and most: 255)",
            "N", section="sip", field="max_calls"),
     Option("sip_shared_listen", _yes_no, "let several bridge processes on this machine share one SIP "
            "address; new calls go to the least-loaded (default no)", "yes|no", section="sip", field="shared_listen"),
-    Option("sip_ring_timeout", _ring_timeout, "outbound calls: seconds to ring before giving up "
+    Option("sip_ring_timeout", seconds, "outbound calls: seconds to ring before giving up "
            "(default 30)", "SECONDS", section="sip", field="ring_timeout"),
 )

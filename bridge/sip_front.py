@@ -42,10 +42,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, cast
 
-from .sip_guard import Allowlist, DigestAuth, RateLimiter
+from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
 from .sip_message import SipMessage, SipParseError, header_param, parse, split_frames, uri_user
 from .sip_metrics import SipMetrics
 from .sip_routes import RouteTable
+from .sip_validate import check_request
 
 __all__ = ["SipFront", "ROUTE_HEADER", "CALLED_HEADER", "SOURCE_HEADER"]
 
@@ -61,6 +62,11 @@ _PENDING_TTL = 64.0
 _RETRY_AFTER_DRAINING = 30
 _ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE"
 _WARN_EVERY = 10.0
+_LOG_SOURCE_EVERY = 60.0  # a malformed-input line per source at most this often
+_LOG_SOURCES = 4096
+_RETRY_AFTER_PENDING = 5
+_TCP_PER_SOURCE = 32  # connections one address may hold open
+_TCP_PARTIAL_TIMEOUT = 10.0  # seconds a half-sent message may wait for the rest (slow loris)
 
 
 @dataclass
@@ -70,11 +76,20 @@ class _Pending:
     counted: bool = False
 
 
+@dataclass
+class _Conn:
+    transport: asyncio.Transport
+    source: str
+    last_data: float
+    partial_since: float | None = None  # when the buffer last went from empty to non-empty
+
+
 class SipFront:
     def __init__(self, host: str, port: int, *, upstream: tuple[str, int], routes: RouteTable,
                  metrics: SipMetrics, allow: Allowlist, limiter: RateLimiter, auth: DigestAuth | None,
                  draining: Callable[[], bool], shared_listen: bool = False, route_key: str = "",
-                 choose: Callable[[], tuple[str, int]] | None = None) -> None:
+                 choose: Callable[[], tuple[str, int]] | None = None, pending: PendingInvites | None = None,
+                 tcp_max_connections: int = 1024, tcp_idle_timeout: float = 60.0) -> None:
         self.host = host
         self.port = port
         self.upstream = upstream
@@ -91,12 +106,18 @@ class SipFront:
         self._up: asyncio.DatagramTransport | None = None
         self._up_addr: tuple[str, int] = ("", 0)
         self._tcp: asyncio.AbstractServer | None = None
-        self._conns: dict[int, asyncio.Transport] = {}
+        self.pending = pending if pending is not None else PendingInvites(per_source=16, total=64)
+        self.tcp_max_connections = tcp_max_connections
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self._conns: dict[int, _Conn] = {}
+        self._conns_by_source: dict[str, int] = {}
         self._next_conn = 1
+        self._sweeper: asyncio.Task | None = None
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._last_warn = 0.0
         self._dropped = 0
+        self._logged: OrderedDict[str, float] = OrderedDict()  # source -> last malformed-input line
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -127,12 +148,17 @@ class SipFront:
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen for SIP on {self.host}:{self.port}/tcp: "
                               f"{exc.strerror}") from exc
+            self._sweeper = loop.create_task(self._sweep_connections(), name="sip-front-tcp-sweeper")
         except BaseException:
             await self.close()
             raise
         log.info("SIP front on %s:%d (udp, tcp) -> stack at %s:%d", self.host, self.port, *self.upstream)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         for t in (self._udp, self._up):
             if t is not None:
                 t.close()
@@ -140,7 +166,7 @@ class SipFront:
         if self._tcp is not None:
             self._tcp.close()
             for conn in list(self._conns.values()):
-                conn.close()
+                conn.transport.close()
             await self._tcp.wait_closed()
             self._tcp = None
 
@@ -155,16 +181,25 @@ class SipFront:
         try:
             msg = parse(data)
         except SipParseError as exc:
-            self._warn("dropped a malformed SIP message from %s:%d: %s", host, port, exc)
+            self._malformed("size" if "too large" in str(exc) else "parse", str(exc), host, port)
             return
         if not msg.is_request:
             return  # responses to the front: it sends no requests of its own downstream
         try:
-            self._on_request(msg, host, port, conn)
+            self._on_request(msg, len(data), host, port, conn)
         except Exception:  # one caller's bad message must never stop the front
-            log.exception("SIP front failed on a %s from %s:%d", msg.method, host, port)
+            self._malformed("parse", "the front failed on it", host, port)
+            log.debug("SIP front failed on a %s from %s:%d", msg.method, host, port, exc_info=True)
 
-    def _on_request(self, msg: SipMessage, host: str, port: int, conn: int | None) -> None:
+    def _on_request(self, msg: SipMessage, size: int, host: str, port: int, conn: int | None) -> None:
+        problem = check_request(msg, size)
+        if problem is not None:
+            self._malformed(problem.reason, problem.detail, host, port)
+            # Answer what can be answered (never an ACK), within the source's rate.
+            if msg.method != "ACK" and self.limiter.allow(host):
+                _stamp_via(msg, host, port, force=True)
+                self._reply(msg, "", conn, 400, f"Bad Request ({problem.reason})", remember=False)
+            return
         _stamp_via(msg, host, port)
         branch = msg.branch()
         key = f"{branch}|{host}"
@@ -182,12 +217,24 @@ class SipFront:
             self._forward(msg, key, conn, rewrite=msg.to_tag() is None,
                           to=pending.upstream if pending else None)
             return
-        if msg.to_tag() is not None:  # in-dialog: the stack owns it
-            self._forward(msg, key, conn, rewrite=False)
-            return
         cached = self._local.get(key)
         if cached is not None:  # a retransmission of something we refused
             self._send_down(cached[1], msg, conn)
+            return
+        if msg.method == "INVITE" and _our_branch(key) in self._pending:
+            self._forward(msg, key, conn, rewrite=True, to=self._pending[_our_branch(key)].upstream)
+            return  # a retransmission of a forwarded INVITE: counted once
+        # Every other request costs its source a token: OPTIONS and REGISTER scans included.
+        if not self.limiter.allow(host):
+            self.metrics.refused.labels(reason="rate_limited").inc()
+            if msg.method == "INVITE":
+                self.metrics.invites.labels(outcome="rate_limited").inc()
+                self._warn("request rate limit: refusing calls from %s", host)
+                self._reply(msg, key, conn, 503, "Service Unavailable (rate limited)",
+                            extra=[("Retry-After", str(self.limiter.retry_after))])
+            return  # anything else over the limit is dropped: no reply to amplify
+        if msg.to_tag() is not None:  # in-dialog: the stack owns it
+            self._forward(msg, key, conn, rewrite=False)
             return
         if msg.method == "OPTIONS":
             self._reply(msg, key, conn, 200, "OK", extra=[("Allow", _ALLOW), ("Accept", "application/sdp")])
@@ -198,32 +245,15 @@ class SipFront:
         self._on_invite(msg, key, host, conn)
 
     def _on_invite(self, msg: SipMessage, key: str, host: str, conn: int | None) -> None:
-        ours = _our_branch(key)
-        pending = self._pending.get(ours)
-        if pending is not None:  # a retransmission of a forwarded INVITE
-            self._forward(msg, key, conn, rewrite=True, to=pending.upstream)
-            return
         m = self.metrics.invites
         if not self.allow.allows(host):
             m.labels(outcome="403").inc()
             self._reply(msg, key, conn, 403, "Forbidden")
             return
-        if not self.limiter.allow(host):
-            m.labels(outcome="rate_limited").inc()
-            self._warn("INVITE rate limit: refusing calls from %s", host)
-            self._reply(msg, key, conn, 503, "Service Unavailable (rate limited)",
-                        extra=[("Retry-After", str(self.limiter.retry_after))])
+        if self.auth is not None and not self._authenticated(msg, key, host, conn):
             return
-        if self.auth is not None:
-            result = self.auth.check(msg)
-            if not result.ok:
-                m.labels(outcome=str(result.status)).inc()
-                extra = [self.auth.challenge(result.stale)] if result.status == 401 else []
-                self._reply(msg, key, conn, result.status,
-                            "Unauthorized" if result.status == 401 else "Forbidden", extra=extra)
-                return
         mf = msg.get("Max-Forwards")
-        if mf is not None and mf.strip().isdigit() and int(mf) <= 0:
+        if mf is not None and int(mf) <= 0:  # an ASCII number: checked by check_request
             self._reply(msg, key, conn, 483, "Too Many Hops")
             return
         called = uri_user(msg.uri) or uri_user(msg.get("To") or "")
@@ -232,6 +262,14 @@ class SipFront:
             m.labels(outcome="404").inc()
             log.info("INVITE for %r from %s: no route, 404", called, host)
             self._reply(msg, key, conn, 404, "Not Found")
+            return
+        full = self.pending.full(host)
+        if full is not None:
+            m.labels(outcome="pending_limit").inc()
+            self.metrics.refused.labels(reason=f"pending_{full}").inc()
+            self._warn("pending INVITE limit (%s): refusing a call from %s", full, host)
+            self._reply(msg, key, conn, 503, "Service Unavailable (too many pending calls)",
+                        extra=[("Retry-After", str(_RETRY_AFTER_PENDING))])
             return
         upstream = self.choose() if self.choose is not None else self.upstream
         if self.draining() and upstream == self.upstream:  # no sibling takes it either
@@ -243,15 +281,47 @@ class SipFront:
         msg.headers.append((ROUTE_HEADER, f"{route.name};k={self.route_key}"))
         msg.headers.append((CALLED_HEADER, called or "-"))
         msg.headers.append((SOURCE_HEADER, host))
-        self._pending[ours] = _Pending(time.monotonic(), upstream)
+        self._pending[_our_branch(key)] = _Pending(time.monotonic(), upstream)
+        self.pending.add(msg.call_id, host)
         self._expire()
         self._forward(msg, key, conn, rewrite=True, to=upstream)
 
+    def _authenticated(self, msg: SipMessage, key: str, host: str, conn: int | None) -> bool:
+        """Digest auth with the throttle in front of it; replies itself when not."""
+        auth = self.auth
+        assert auth is not None
+        m = self.metrics
+        user = auth.user if auth.user in (msg.get("Authorization") or "") else None
+        if auth.throttle.banned_for(host, user) > 0:
+            m.invites.labels(outcome="banned").inc()
+            m.auth_failures.labels(reason="banned").inc()
+            self._reply(msg, key, conn, 403, "Forbidden")
+            return False
+        result = auth.check(msg, host)
+        if result.ok:
+            auth.throttle.succeeded(host)
+            return True
+        m.invites.labels(outcome=str(result.status)).inc()
+        m.auth_failures.labels(reason=result.reason).inc()
+        if result.reason in ("wrong-password", "wrong-user", "bad-uri", "replay"):
+            for kind in auth.throttle.failed(host, user):
+                m.auth_bans.labels(kind=kind).inc()
+                log.warning("digest auth: %s %s banned after repeated failures", kind,
+                            host if kind == "source" else user)
+        extra = [auth.challenge(host, result.stale)] if result.status == 401 else []
+        self._reply(msg, key, conn, result.status, "Unauthorized" if result.status == 401 else "Forbidden",
+                    extra=extra)
+        return False
+
+    def settle(self, call_id: str) -> None:
+        """The leg says this call is established or over: it no longer counts as pending."""
+        self.pending.settle(call_id)
+
     def _reply(self, msg: SipMessage, key: str, conn: int | None, status: int, reason: str, *,
-               extra: list[tuple[str, str]] | None = None) -> None:
+               extra: list[tuple[str, str]] | None = None, remember: bool = True) -> None:
         tag = os.urandom(6).hex()
         data = msg.response(status, reason, to_tag=tag, extra=extra).encode()
-        if status >= 200:
+        if status >= 200 and remember:
             self._local[key] = (time.monotonic(), data)
             self._expire()
         self._send_down(data, msg, conn)
@@ -268,7 +338,7 @@ class SipFront:
         if rewrite:
             msg.uri = f"sip:duplexline@{to[0]}:{to[1]}"
         mf = msg.get("Max-Forwards")
-        if mf is not None and mf.strip().isdigit():
+        if mf is not None:  # an ASCII number: checked by check_request
             msg.set("Max-Forwards", str(max(0, int(mf) - 1)))
         self._up.sendto(msg.encode(), to)
 
@@ -288,6 +358,10 @@ class SipFront:
             return
         if msg.cseq_method == "INVITE" and msg.status >= 200:
             self._count_final(branch, msg.status)
+            if msg.status < 300:
+                self.pending.answered(msg.call_id)
+            else:
+                self.pending.settle(msg.call_id)
         dlc = header_param(ours, "dlc")  # the caller's TCP connection, when it came over TCP
         self._send_down(msg.encode(), msg, int(dlc) if dlc is not None and dlc.isdigit() else None)
 
@@ -311,9 +385,9 @@ class SipFront:
 
     def _send_down(self, data: bytes, request: SipMessage, conn: int | None) -> None:
         if conn is not None:
-            transport = self._conns.get(conn)
-            if transport is not None and not transport.is_closing():
-                transport.write(data)
+            entry = self._conns.get(conn)
+            if entry is not None and not entry.transport.is_closing():
+                entry.transport.write(data)
             return
         dest = _via_destination(request.top_via())
         if dest is not None and self._udp is not None:
@@ -335,14 +409,71 @@ class SipFront:
             log.warning(fmt + " (%d such events since the last warning)", *args, self._dropped)
             self._dropped = 0
 
-    def _add_conn(self, transport: asyncio.Transport) -> int:
+    def _malformed(self, reason: str, detail: str, host: str, port: int) -> None:
+        """Count by reason; log at most one line per source per `_LOG_SOURCE_EVERY` and no
+        more than the global warning rate (a flood from many addresses)."""
+        self.metrics.malformed.labels(reason=reason).inc()
+        now = time.monotonic()
+        last = self._logged.get(host)
+        if last is not None and now - last < _LOG_SOURCE_EVERY:
+            return
+        self._logged[host] = now
+        self._logged.move_to_end(host)
+        if len(self._logged) > _LOG_SOURCES:
+            self._logged.popitem(last=False)
+        self._warn("dropped or refused malformed SIP from %s:%d (%s: %s)", host, port, reason, detail[:120])
+
+    # ---- TCP connections -------------------------------------------------------------------
+
+    def _add_conn(self, transport: asyncio.Transport, source: str) -> int | None:
+        """A connection id, or None when the source or the process holds too many."""
+        held = self._conns_by_source.get(source, 0)
+        reason = ("tcp_source" if held >= _TCP_PER_SOURCE
+                  else "tcp_total" if len(self._conns) >= self.tcp_max_connections else None)
+        if reason is not None:
+            self.metrics.refused.labels(reason=reason).inc()
+            self._warn("SIP TCP connection limit (%s): closing a connection from %s", reason, source)
+            return None
         conn = self._next_conn
         self._next_conn += 1
-        self._conns[conn] = transport
+        self._conns[conn] = _Conn(transport, source, time.monotonic())
+        self._conns_by_source[source] = held + 1
         return conn
 
     def _drop_conn(self, conn: int) -> None:
-        self._conns.pop(conn, None)
+        entry = self._conns.pop(conn, None)
+        if entry is None:
+            return
+        left = self._conns_by_source.get(entry.source, 1) - 1
+        if left > 0:
+            self._conns_by_source[entry.source] = left
+        else:
+            self._conns_by_source.pop(entry.source, None)
+
+    def _conn_data(self, conn: int, partial: bool) -> None:
+        entry = self._conns.get(conn)
+        if entry is not None:
+            entry.last_data = time.monotonic()
+            if not partial:
+                entry.partial_since = None
+            elif entry.partial_since is None:
+                entry.partial_since = entry.last_data
+
+    async def _sweep_connections(self) -> None:
+        """Once a second: close connections idle for `tcp_idle_timeout`, or holding half a
+        message for `_TCP_PARTIAL_TIMEOUT` (a slow sender pins a buffer and a socket)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for entry in list(self._conns.values()):
+                if entry.partial_since is not None and now - entry.partial_since > _TCP_PARTIAL_TIMEOUT:
+                    reason = "tcp_partial"
+                elif now - entry.last_data > self.tcp_idle_timeout:
+                    reason = "tcp_idle"
+                else:
+                    continue
+                self.metrics.refused.labels(reason=reason).inc()
+                entry.transport.close()  # connection_lost drops it from the table
 
 
 def _our_branch(key: str) -> str:
@@ -357,39 +488,41 @@ def _sent_by(via: str) -> tuple[str, int]:
         port = port.lstrip(":")
     else:
         host, _, port = hostport.partition(":")
-    return host, int(port) if port.isdigit() else 5060
+    return host, int(port) if port.isascii() and port.isdigit() and 0 < int(port) < 65536 else 5060
 
 
-def _stamp_via(msg: SipMessage, host: str, port: int) -> None:
-    """RFC 3261 §18.2.1 and RFC 3581: note where the request really came from."""
+def _stamp_via(msg: SipMessage, host: str, port: int, *, force: bool = False) -> None:
+    """RFC 3261 §18.2.1 and RFC 3581: note where the request really came from. The caller's
+    own `received`/`rport` values are replaced, never trusted: answers go back to the
+    address the datagram came from, so they cannot be reflected at a third party. With
+    `force` the source port is stamped too (an answer to a request whose Via is bad)."""
     via = msg.top_via()
-    sent_host, _ = _sent_by(via)
-    changed = via
-    if sent_host != host and header_param(via, "received") is None:
-        changed += f";received={host}"
-    rport = header_param(changed, "rport")
-    if rport == "":
-        changed = changed.replace(";rport", f";rport={port}", 1)
-        if header_param(changed, "received") is None:
-            changed += f";received={host}"
-    if changed != via:
-        for i, (n, _) in enumerate(msg.headers):
-            if n == "Via":
-                msg.headers[i] = (n, changed)
-                break
+    parts = via.split(";")
+    wants_rport = force or any(p.strip().lower().split("=", 1)[0] == "rport" for p in parts[1:])
+    kept = [parts[0]] + [p for p in parts[1:] if p.strip().lower().split("=", 1)[0] not in ("received", "rport")]
+    kept.append(f"received={host}")
+    if wants_rport:
+        kept.append(f"rport={port}")
+    changed = ";".join(kept)
+    for i, (n, _) in enumerate(msg.headers):
+        if n == "Via":
+            msg.headers[i] = (n, changed)
+            break
 
 
 def _via_destination(via: str) -> tuple[str, int] | None:
+    """Where a response goes: the `received` address the front stamped, the `rport` it
+    stamped when the caller asked for one, else the port the caller named (RFC 3261 §18.2.2)."""
     if not via:
         return None
-    host, port = _sent_by(via)
     received = header_param(via, "received")
+    if not received:
+        return None  # not stamped by us: nowhere trustworthy to send it
+    _, port = _sent_by(via)
     rport = header_param(via, "rport")
-    if received:
-        host = received
-    if rport and rport.isdigit():
+    if rport and rport.isascii() and rport.isdigit():
         port = int(rport)
-    return host, port
+    return received, port
 
 
 class _Datagram(asyncio.DatagramProtocol):
@@ -419,18 +552,26 @@ class _Stream(asyncio.Protocol):
         if not self._front.allow.allows(self._peer[0]):
             transport.close()  # not even a 403 over TCP: no connection for strangers
             return
-        self._conn = self._front._add_conn(transport)
+        conn = self._front._add_conn(self._transport, self._peer[0])
+        if conn is None:
+            transport.close()
+            return
+        self._conn = conn
 
     def data_received(self, data: bytes) -> None:
+        if not self._conn:
+            return  # refused at connect; the close is under way
         self._buf += data
         try:
             frames = split_frames(self._buf)
         except SipParseError as exc:
-            self._front._warn("closing a SIP TCP connection from %s:%d: %s", *self._peer, exc)
+            self._front._malformed("size" if "too large" in str(exc) else "parse", str(exc), *self._peer)
             self._transport.close()
             return
+        self._front._conn_data(self._conn, partial=bool(self._buf))
         for frame in frames:
             self._front._handle_downstream(frame, self._peer[0], self._peer[1], self._conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._front._drop_conn(self._conn)
+        if self._conn:
+            self._front._drop_conn(self._conn)

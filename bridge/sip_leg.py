@@ -34,10 +34,11 @@ from agent.store import Transport
 
 from .errors import BridgeError, ConfigError
 from .sip_accounts import AccountEntry, Registration, load_accounts
-from .sip_adapter import INBOUND_USER, AccountSpec, DialFailed, DialNoAnswer, Stack, StackAccount, StackCall, StackError
+from .sip_adapter import (INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, Stack,
+                          StackAccount, StackCall, StackError)
 from .sip_call import LineSink, SipCall, SipCallState
 from .sip_front import CALLED_HEADER, ROUTE_HEADER, SipFront
-from .sip_guard import Allowlist, DigestAuth, RateLimiter
+from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
 from .sip_media import MediaTicker
 from .sip_metrics import SipMetrics
 from .sip_routes import RouteTable
@@ -132,7 +133,10 @@ class SipLeg:
                                   limiter=RateLimiter(self.sip.invite_rate), auth=auth,
                                   draining=lambda: self.draining or self.manager.draining,
                                   shared_listen=self.sip.shared_listen, route_key=self._key,
-                                  choose=self.siblings.pick if self.siblings is not None else None)
+                                  choose=self.siblings.pick if self.siblings is not None else None,
+                                  pending=PendingInvites(self.sip.max_pending_per_source, self.sip.max_pending),
+                                  tcp_max_connections=self.sip.tcp_max_connections,
+                                  tcp_idle_timeout=self.sip.tcp_idle_timeout)
             await self.front.start()
             self.ticker.start()
         except BaseException:
@@ -191,7 +195,21 @@ class SipLeg:
             self._bg.spawn(stack_call.reject())
             return
         called = headers.get(CALLED_HEADER.lower(), "")
+        self._settle_when_up(stack_call)
         self._admit_and_answer(stack_call, local=called)
+
+    def _settle_when_up(self, stack_call: StackCall) -> None:
+        """The front counts a forwarded INVITE as pending until the caller proves real or
+        the call is over. The stack reports a call established when it sends the 200, not
+        when the ACK comes, so the proof is the caller's first audio (SipCall.first_audio),
+        and the front's own window after the 200 is the backstop."""
+        front, call_id = self.front, stack_call.call_id
+
+        def listener(event: CallEvent) -> None:
+            if front is not None and event.kind is CallEventKind.CLOSED:
+                front.settle(call_id)
+
+        stack_call.on_event(listener)
 
     def _on_account_call(self, entry: AccountEntry, stack_call: StackCall) -> None:
         if self.draining or self.manager.draining:

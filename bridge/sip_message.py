@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .errors import BridgeError
 
 __all__ = ["SipParseError", "SipMessage", "parse", "uri_user", "header_param",
-           "split_frames"]
+           "split_frames", "MAX_MESSAGE"]
 
 _COMPACT = {"v": "Via", "f": "From", "t": "To", "i": "Call-ID", "m": "Contact", "l": "Content-Length",
             "c": "Content-Type", "k": "Supported", "s": "Subject", "e": "Content-Encoding",
@@ -25,7 +25,7 @@ _CANONICAL = {n.lower(): n for n in ("Via", "From", "To", "Call-ID", "CSeq", "Co
                                      "Content-Type", "Max-Forwards", "Authorization", "WWW-Authenticate",
                                      "Retry-After", "User-Agent", "Server", "Allow", "Supported",
                                      "Record-Route", "Route")}
-_MAX_MESSAGE = 65535
+MAX_MESSAGE = 16 * 1024  # real INVITEs are 1-3 KB; a TCP buffer never grows past this
 
 
 class SipParseError(BridgeError, ValueError):
@@ -121,7 +121,7 @@ class SipMessage:
 
 def parse(data: bytes) -> SipMessage:
     """One whole message (a UDP datagram, or a frame cut by `split_frames`)."""
-    if len(data) > _MAX_MESSAGE:
+    if len(data) > MAX_MESSAGE:
         raise SipParseError("message too large")
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
@@ -167,7 +167,9 @@ def parse(data: bytes) -> SipMessage:
         msg.headers.append((name, value))
     length = msg.get("Content-Length")
     if length is not None:
-        if not length.strip().isdigit():
+        length = length.strip()
+        # isascii: '²'.isdigit() is True and int('²') raises
+        if not (length.isascii() and length.isdigit()) or len(length) > 6:
             raise SipParseError("bad Content-Length")
         body = body[:int(length)]
     msg.body = body
@@ -188,15 +190,15 @@ def split_frames(buffer: bytearray) -> list[bytes]:
             del buffer[:2]
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
-            if len(buffer) > _MAX_MESSAGE:
+            if len(buffer) > MAX_MESSAGE:
                 raise SipParseError("header block too large")
             return out
         head = bytes(buffer[:end]).decode("utf-8", "replace")
-        m = re.search(r"^(?:content-length|l)[ \t]*:[ \t]*(\d+)", head, re.I | re.M)
+        m = re.search(r"^(?:content-length|l)[ \t]*:[ \t]*([0-9]{1,6})[ \t]*$", head, re.I | re.M)
         if m is None:
             raise SipParseError("stream message without Content-Length")
         total = end + 4 + int(m.group(1))
-        if total > _MAX_MESSAGE:
+        if total > MAX_MESSAGE:
             raise SipParseError("message too large")
         if len(buffer) < total:
             return out

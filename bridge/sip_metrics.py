@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["SipMetrics", "INVITE_OUTCOMES", "OUTBOUND_OUTCOMES"]
+from .sip_guard import AUTH_FAILURES
+from .sip_validate import REASONS as MALFORMED_REASONS
 
-INVITE_OUTCOMES = ("answered", "404", "486", "503", "403", "401", "rate_limited", "cancelled", "failed")
+__all__ = ["SipMetrics", "INVITE_OUTCOMES", "OUTBOUND_OUTCOMES", "REFUSED_REASONS"]
+
+INVITE_OUTCOMES = ("answered", "404", "486", "503", "403", "401", "rate_limited", "pending_limit", "banned",
+                   "cancelled", "failed")
+REFUSED_REASONS = ("rate_limited", "pending_source", "pending_total", "tcp_source", "tcp_total", "tcp_idle",
+                   "tcp_partial")
 OUTBOUND_OUTCOMES = ("answered", "busy", "declined", "no_answer", "failed", "refused")
 
 
@@ -19,9 +25,28 @@ class SipMetrics:
         kw = {"registry": registry}
         self.invites = Counter("duplexline_sip_invites_total",
                                "New inbound INVITEs by outcome (answered, 404, 486, 503, 403, 401, "
-                               "rate_limited, cancelled, failed)", ["outcome"], **kw)
+                               "rate_limited, pending_limit, banned, cancelled, failed)", ["outcome"], **kw)
         for outcome in INVITE_OUTCOMES:
             self.invites.labels(outcome=outcome)
+        self.malformed = Counter("duplexline_sip_malformed_total",
+                                 "SIP requests refused (400) or dropped at the front door as malformed, by "
+                                 "reason", ["reason"], **kw)
+        for reason in MALFORMED_REASONS:
+            self.malformed.labels(reason=reason)
+        self.refused = Counter("duplexline_sip_refused_total",
+                               "Requests and TCP connections the front door refused or closed to protect "
+                               "capacity, by reason", ["reason"], **kw)
+        for reason in REFUSED_REASONS:
+            self.refused.labels(reason=reason)
+        self.auth_failures = Counter("duplexline_sip_auth_failures_total",
+                                     "INVITEs that failed digest authentication, by reason", ["reason"], **kw)
+        for reason in AUTH_FAILURES:
+            self.auth_failures.labels(reason=reason)
+        self.auth_bans = Counter("duplexline_sip_auth_bans_total",
+                                 "Temporary bans after repeated digest failures, by what was banned "
+                                 "(source address or user name)", ["kind"], **kw)
+        for kind in ("source", "user"):
+            self.auth_bans.labels(kind=kind)
         self.setup = Histogram("duplexline_sip_call_setup_seconds",
                                "Inbound call setup: INVITE received to 200 OK sent",
                                buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 2.0, 5.0), **kw)

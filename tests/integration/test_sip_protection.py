@@ -6,6 +6,7 @@ with Retry-After while its live call goes on. Every refusal is counted in the me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 
@@ -89,3 +90,42 @@ def test_draining_bridge_answers_503_with_retry_after_and_keeps_live_calls(workd
             peer.hangup()
             peer.wait_event("CALL_CLOSED", timeout=10)
         assert server.proc.wait(timeout=30) == 0, server.log()  # the last call ended: the drain completes
+
+
+def _digest(challenge: str, uri: str, password: str, nc: int = 1) -> str:
+    """RFC 7616 (MD5, qop=auth) computed here from the formula, not by the bridge's code."""
+    nonce = challenge.split('nonce="', 1)[1].split('"', 1)[0]
+    ha1 = hashlib.md5(f"bob:duplexline:{password}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
+    response = hashlib.md5(f"{ha1}:{nonce}:{nc:08x}:abc:auth:{ha2}".encode()).hexdigest()
+    return (f'Digest username="bob", realm="duplexline", nonce="{nonce}", uri="{uri}", qop=auth, '
+            f'nc={nc:08x}, cnonce="abc", response="{response}", algorithm=MD5')
+
+
+def test_a_captured_authorization_is_not_accepted_again(guarded):
+    # The user "nobody" has no route: a good answer gets past auth to the 404, and no call is made.
+    uri = f"sip:nobody@127.0.0.1:{guarded.sip_port}"
+    challenge = sip_request(guarded.sip_port, user="nobody").headers["www-authenticate"]
+    captured = _digest(challenge, uri, "s3cret")
+    assert sip_request(guarded.sip_port, user="nobody", headers={"Authorization": captured}).status == 404
+    replayed = sip_request(guarded.sip_port, user="nobody", headers={"Authorization": captured})
+    assert replayed.status == 401 and "nonce=" in replayed.headers.get("www-authenticate", "")
+    assert metric_value(guarded.metrics(), "duplexline_sip_auth_failures_total", 'reason="replay"') >= 1
+    # The next nonce count on the same nonce is the client's right.
+    assert sip_request(guarded.sip_port, user="nobody",
+                       headers={"Authorization": _digest(challenge, uri, "s3cret", nc=2)}).status == 404
+
+
+def test_password_guessing_gets_the_source_banned(guarded):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.2", 0))  # its own source address: the ban must not touch 127.0.0.1
+        uri = f"sip:nobody@127.0.0.1:{guarded.sip_port}"
+        challenge = sip_request(guarded.sip_port, user="nobody", sock=sock).headers["www-authenticate"]
+        statuses = [sip_request(guarded.sip_port, user="nobody", sock=sock,
+                                headers={"Authorization": _digest(challenge, uri, guess, nc=i + 1)}).status
+                    for i, guess in enumerate(("a", "b", "c", "d", "e", "s3cret"))]
+    assert statuses == [403] * 6, statuses  # five wrong guesses, then even the right one is refused
+    text = guarded.metrics()
+    assert metric_value(text, "duplexline_sip_auth_bans_total", 'kind="source"') >= 1
+    assert metric_value(text, "duplexline_sip_invites_total", 'outcome="banned"') >= 1
+    assert sip_request(guarded.sip_port, user="nobody").status == 401  # 127.0.0.1 is untouched
