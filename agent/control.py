@@ -4,13 +4,16 @@
     GET  /healthz              the process is up
     GET  /readyz               engine loaded, store reachable, not draining (503 otherwise);
                                the legs' details (SIP registrations, live calls) ride along
-    GET  /calls[?live=1]       calls from the store (every bridge's, with Redis)
-    GET  /calls/{id}           one call with its latest events
-    POST /calls/{id}/hangup    hang up a call this bridge holds          (admin)
-    POST /admin/drain          refuse new calls, let live ones finish, exit (admin)
+    GET  /calls[?live=1]       calls from the store (every bridge's, with Redis)  (admin)
+    GET  /calls/{id}           one call with its latest events                    (admin)
+    POST /calls/{id}/hangup    hang up a call this bridge holds                   (admin)
+    POST /admin/drain          refuse new calls, let live ones finish, exit       (admin)
 
 Admin routes want `Authorization: Bearer <token>` when a token is configured; without one
-they answer only requests from this host (loopback), 403 otherwise.
+they answer only requests from this host (loopback), 403 otherwise. Call records are admin
+data: they hold caller URIs and the DTMF digits callers typed (PINs), and a call id is
+what a WebRTC hang-up needs. A softphone caller gets its own call's events over its data
+channel, never from these routes.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def calls(request: web.Request) -> web.Response:
+        require_admin(request, admin_token)
         live_only = request.query.get("live", "") in ("1", "true", "yes")
         try:
             records = await manager.store.list_calls(live_only=live_only)
@@ -101,6 +105,7 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
         return web.json_response({"calls": [_record_json(r) for r in records]})
 
     async def call(request: web.Request) -> web.Response:
+        require_admin(request, admin_token)
         call_id = request.match_info["id"]
         try:
             record = await manager.store.get(call_id)

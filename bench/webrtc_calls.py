@@ -206,7 +206,9 @@ def run_point(ns, mode: str, calls: int, seconds: float, warmup: float, workdir:
     port = 8100 + calls
     env_note = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     os.environ.update(env_note)  # the server inherits these: one core per bridge process
+    # the client opens several offers at once from one address: not an attack, so no pending caps
     server = NsServer(ns, ["--agent", "echo", "--webrtc-media", mode, "--webrtc-max-calls", "1000",
+                           "--webrtc-max-pending", "1000", "--webrtc-max-pending-per-source", "1000",
                            "--log-level", "WARNING"], workdir / f"server-{mode}-{calls}.log",
                       http_port=port, sip_port=6000 + calls)
     client = None

@@ -25,6 +25,8 @@ AGENTS = ("omniflatten", "echo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEVICES = ("auto", "cpu", "cuda")
 EVENT_LOOPS = ("uvloop", "asyncio")
+MIN_MEDIA_TIMEOUT = 1.0  # shorter would reap live calls over ordinary network jitter
+MAX_MEDIA_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Settings:
     device: str = "auto"
     drain_timeout: float = 60.0
     event_loop: str = "uvloop"
+    media_timeout: float = 30.0  # 0: off
     sip: SipSettings = field(default_factory=SipSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
 
@@ -59,6 +62,10 @@ class Settings:
             raise ConfigError("event_loop", self.event_loop, f"must be one of {', '.join(EVENT_LOOPS)}")
         if not self.drain_timeout >= 0:
             raise ConfigError("drain_timeout", self.drain_timeout, "must be >= 0 seconds")
+        try:
+            _check_media_timeout(self.media_timeout)
+        except ValueError as exc:
+            raise ConfigError("media_timeout", self.media_timeout, str(exc)) from None
         if self.sip_listen == self.http_listen:
             raise ConfigError("http_listen", str(self.http_listen), "same address as --sip-listen")
 
@@ -68,6 +75,16 @@ class Settings:
 
     def __repr__(self) -> str:
         return redacted_repr(self, ("admin_token",))
+
+
+def _check_media_timeout(value: float) -> float:
+    if value != 0 and not MIN_MEDIA_TIMEOUT <= value <= MAX_MEDIA_TIMEOUT:
+        raise ValueError(f"must be 0 (off) or {MIN_MEDIA_TIMEOUT:g}..{MAX_MEDIA_TIMEOUT:g} seconds")
+    return value
+
+
+def _media_timeout(text: str) -> float:
+    return _check_media_timeout(seconds(text))
 
 
 CORE_OPTIONS: tuple[Option, ...] = (
@@ -90,6 +107,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "before they are hung up (default 60)", "SECONDS"),
     Option("event_loop", choice(EVENT_LOOPS), "the asyncio event loop: uvloop (default; measured ~10%% less "
            "CPU per WebRTC call) or asyncio (the standard library's)", "LOOP"),
+    Option("media_timeout", _media_timeout, "hang up a call (reason media-timeout) when no caller audio has "
+           "arrived for this long; calls on hold are spared (default 30; 0: off)", "SECONDS"),
 )
 OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS
 SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings}

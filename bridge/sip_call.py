@@ -7,6 +7,15 @@ States move on stack events only:
        |                        |                                             |
        +--------closed----------+------------------closed---------------------+--> ENDED
 
+Dead calls are reaped, so a vanished far end cannot hold an engine slot (and a drain)
+forever: an inbound call answered but not established (no ACK) within `ACK_TIMEOUT` is
+hung up as "no-ack" (the stack alone would keep it 32 s, retransmitting the 200 OK); an
+ACTIVE call that has read no caller audio for `media_timeout` seconds is hung up as
+"media-timeout". The stack's `read()` gives nothing at all while no RTP arrives (no
+concealment or silence; measured with PCMU and Opus, by a far end that never sent and by
+one stopped mid-call), so an empty read is the signal. A HELD call is spared (a held far
+end rightly sends nothing) and its clock restarts on resume.
+
 Media: the shared ticker (bridge/sip_media.py) calls `media_tick(now)` every 10 ms. It reads
 what the stack received (PCM at the codec's rate; Opus is 48 kHz stereo, folded to mono),
 turns it into 16 kHz frames (`LineAudio.receive`) and hands them to the session on the
@@ -54,6 +63,7 @@ _IN_MAX = 3  # most caller frames queued before the session
 _TRIM_WINDOW = 25  # frames (0.5 s): a queue that never ran dry this long loses a frame
 _SILENCE = np.zeros(FRAME_SAMPLES, np.int16)
 _RESYNC_TICKS = 100  # check the stack's transmit queue once a second
+ACK_TIMEOUT = 8.0  # seconds from answering to ESTABLISHED (the ACK): a 200 OK lost 7 times over
 
 
 class SipCallState(enum.Enum):
@@ -83,7 +93,9 @@ class LineSink:
 
 class SipCall:
     def __init__(self, stack: StackCall, *, call_id: str, direction: str, metrics: SipMetrics,
-                 local: str = "", sink: LineSink | None = None) -> None:
+                 local: str = "", sink: LineSink | None = None, media_timeout: float = 0.0) -> None:
+        """`media_timeout`: seconds without caller audio before an ACTIVE call is hung up
+        ("media-timeout"); 0 never."""
         self.stack = stack
         self.call_id = call_id
         self.direction = direction
@@ -106,18 +118,26 @@ class SipCall:
         self._ticks = 0
         self._read_bytes = 0
         self._counted_active = False
+        self.media_timeout = media_timeout
+        self._heard_at: float | None = None  # last caller audio read; None: clock not started
+        self._reaping = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._bg = BackgroundTasks()
         stack.on_event(self._on_event)
 
     # ---- session wiring --------------------------------------------------------------------
 
     def attach(self, session: CallSession) -> None:
+        """Join the session. An inbound call is answered right after this, so the ACK
+        clock starts here."""
         self.session = session
         session.on_hangup_request(self.hangup)
         if self.state is SipCallState.ENDED:  # the caller gave up while we were admitting
             self._bg.spawn(session.end(self.end_reason or "cancelled"))
         elif self.state is SipCallState.ACTIVE:
             self._bg.spawn(session.answered())
+        elif self.direction == "in":
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_TIMEOUT, self._no_ack)
 
     async def hangup(self, reason: str = "operator") -> None:
         """Hang up the wire (our side); the session ends on the stack's CLOSED event."""
@@ -164,6 +184,7 @@ class SipCall:
         kind = event.kind
         if kind is CallEventKind.ESTABLISHED:
             if self.state is SipCallState.RINGING:
+                self._cancel_ack_timer()
                 self.state = SipCallState.ACTIVE
                 self.metrics.active.labels(direction=self.direction).inc()
                 self._counted_active = True
@@ -192,6 +213,7 @@ class SipCall:
         self.state = SipCallState.HELD if on else SipCallState.ACTIVE
         self.sink.flush()
         self._fmt = None  # media is re-probed (and re-clocked) on resume
+        self._heard_at = None  # a held far end sends nothing: the media clock restarts on resume
         self._in_t0 = None
         self._inq.clear()
         if self.session is not None:
@@ -203,6 +225,7 @@ class SipCall:
             return
         self.state = SipCallState.ENDED
         self.end_reason = reason
+        self._cancel_ack_timer()
         if self._counted_active:
             self.metrics.active.labels(direction=self.direction).dec()
             self._counted_active = False
@@ -218,11 +241,33 @@ class SipCall:
         if self.session is not None:
             self._bg.spawn(self.session.end(reason))
 
+    # ---- dead calls ---------------------------------------------------------------------
+
+    def _cancel_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+
+    def _no_ack(self) -> None:
+        self._ack_timer = None
+        if self.state is SipCallState.RINGING:
+            log.info("call %s: answered but not established (no ACK) within %.0f s; hanging up",
+                     self.call_id, ACK_TIMEOUT)
+            self.metrics.reaped.labels(reason="no-ack").inc()
+            self._bg.spawn(self.hangup("no-ack"))
+
+    async def _reap(self, silent: float) -> None:
+        log.info("call %s: no caller audio for %.1f s; hanging up", self.call_id, silent)
+        self.metrics.reaped.labels(reason="media-timeout").inc()
+        await self.hangup("media-timeout")
+
     # ---- media (the shared ticker; event loop thread; never logs) -------------------------
 
     def media_tick(self, now: float) -> None:
         if self.state is not SipCallState.ACTIVE or self.session is None:
             return
+        if self._heard_at is None:
+            self._heard_at = now  # active (again): the media clock starts
         try:
             if self._fmt is None:
                 self._start_media(now)
@@ -230,7 +275,10 @@ class SipCall:
         except MediaRestarted:
             self._fmt = None  # the streams were replaced: probe again next tick
         except MediaInactive:
-            pass
+            pass  # no audio streams at all is no audio: the clock below still runs
+        if self.media_timeout and not self._reaping and now - self._heard_at >= self.media_timeout:
+            self._reaping = True
+            self._bg.spawn(self._reap(now - self._heard_at))
 
     def _start_media(self, now: float) -> None:
         fmt = self.stack.audio_format()
@@ -249,6 +297,7 @@ class SipCall:
         assert fmt is not None and line is not None and self.session is not None
         data = self.stack.read(self._read_bytes)
         if data:
+            self._heard_at = now
             pcm = np.frombuffer(data, dtype=np.int16)
             if fmt.rx_channels == 2:
                 pcm = pcm[0::2]  # both channels carry the same voice; the resampler copies a view

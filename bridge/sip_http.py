@@ -9,7 +9,10 @@ token is configured), mounted by the server with `add_sip_routes`:
     POST /calls/{id}/hold        {"hold": true|false}     hold / resume (re-INVITE)
     GET  /sip                    listen address, live SIP calls, registration per account
 
-Bodies are JSON objects; a bad body is 400 naming the field.
+Bodies are JSON objects; a bad body is 400 naming the field. A dial or transfer target
+must be `sip:`/`sips:` `user@host[:port]` with optional `;name=value` parameters, at most
+`MAX_URI_CHARS` long: the SIP stack is native code, and an unchecked 40,000-character
+target corrupted its heap (the process died at exit).
 
 aiohttp freezes the router when the server starts, and the SIP leg starts after that, so
 `add_sip_routes` takes a getter (`lambda: leg_or_None`): the routes answer 503 until the
@@ -18,7 +21,9 @@ leg is up, and always when SIP is off.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
@@ -32,9 +37,18 @@ if TYPE_CHECKING:
     from .sip_call import SipCall
     from .sip_leg import SipLeg
 
-__all__ = ["add_sip_routes"]
+__all__ = ["add_sip_routes", "sip_uri_problem", "MAX_URI_CHARS"]
 
 _DIGITS = set("0123456789*#ABCDabcd")
+MAX_URI_CHARS = 256
+# RFC 3261's grammar, narrowed to what a dial or transfer target needs: no password, no
+# ?headers, and parameters of token characters only. Escapes (%HH) are allowed in the
+# user part and parameter values (phone numbers, display digits); nothing else is.
+_USER = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})+"
+_PARAM = r";[A-Za-z0-9\-_.!~*'%]+(?:=(?:[A-Za-z0-9\-_.!~*'()\[\]:&+$]|%[0-9A-Fa-f]{2})+)?"
+_URI = re.compile(rf"(?i:sips?):(?P<user>{_USER})@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)"
+                  rf"(?::(?P<port>[0-9]{{1,5}}))?(?P<params>(?:{_PARAM})*)")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?")
 
 
 async def _body(request: web.Request) -> dict:
@@ -47,10 +61,42 @@ async def _body(request: web.Request) -> dict:
     return body
 
 
+def sip_uri_problem(uri: str) -> str | None:
+    """What is wrong with `uri` as a dial or transfer target, or None when it is fine."""
+    if len(uri) > MAX_URI_CHARS:
+        return f"it is {len(uri)} characters long; at most {MAX_URI_CHARS} are taken"
+    bad = next((c for c in uri if not c.isprintable() or c.isspace()), None)
+    if bad is not None:
+        return f"it holds the character {bad!r} (no control characters or spaces)"
+    match = _URI.fullmatch(uri)
+    if match is None:
+        return "it is not of the form sip:user@host[:port][;name=value]"
+    host, port = match["host"], match["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        return f"port {port} is not in 1..65535"
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not an IPv6 address"
+    elif host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host} is not an IPv4 address"
+    elif len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        return f"{host!r} is not a host name"
+    return None
+
+
 def _sip_uri(body: dict, field: str) -> str:
     uri = body.get(field)
-    if not isinstance(uri, str) or not uri.startswith(("sip:", "sips:")) or any(c in uri for c in " \r\n<>\""):
+    if not isinstance(uri, str):
         raise json_error(web.HTTPBadRequest, f"{field!r} must be a SIP URI such as sip:1000@pbx.example.com")
+    problem = sip_uri_problem(uri)
+    if problem is not None:
+        raise json_error(web.HTTPBadRequest, f"{field!r} must be a SIP URI such as sip:1000@pbx.example.com: "
+                         f"{problem}")
     return uri
 
 

@@ -199,14 +199,13 @@ class SipLeg:
         self._admit_and_answer(stack_call, local=called)
 
     def _settle_when_up(self, stack_call: StackCall) -> None:
-        """The front counts a forwarded INVITE as pending until the caller proves real or
-        the call is over. The stack reports a call established when it sends the 200, not
-        when the ACK comes, so the proof is the caller's first audio (SipCall.first_audio),
-        and the front's own window after the 200 is the backstop."""
+        """The front counts a forwarded INVITE as pending until the call is established
+        (the stack reports that when the ACK comes: the caller got our 200 at the address
+        it claimed) or over; this tells it so at once rather than at its timeout."""
         front, call_id = self.front, stack_call.call_id
 
         def listener(event: CallEvent) -> None:
-            if front is not None and event.kind is CallEventKind.CLOSED:
+            if front is not None and event.kind in (CallEventKind.ESTABLISHED, CallEventKind.CLOSED):
                 front.settle(call_id)
 
         stack_call.on_event(listener)
@@ -229,7 +228,8 @@ class SipLeg:
         if call_id in self._calls:
             self._bg.spawn(stack_call.reject())
             return
-        call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local)
+        call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local,
+                       media_timeout=self.settings.media_timeout)
         self._track(call)
         self._bg.spawn(self._answer(call))
 
@@ -280,7 +280,7 @@ class SipLeg:
             await session.end(self._dial_failed(call_id, uri, exc))
             raise
         call = SipCall(stack_call, call_id=call_id, direction="out", metrics=self.metrics, local=acc.spec.user,
-                       sink=sink)
+                       sink=sink, media_timeout=self.settings.media_timeout)
         self._track(call)
         call.attach(session)
         ring = timeout or self.sip.ring_timeout

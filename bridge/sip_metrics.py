@@ -47,6 +47,10 @@ class SipMetrics:
                                  "(source address or user name)", ["kind"], **kw)
         for kind in ("source", "user"):
             self.auth_bans.labels(kind=kind)
+        self.reaped = Counter("duplexline_sip_calls_reaped_total",
+                              "SIP calls hung up as dead, by reason (media-timeout, no-ack)", ["reason"], **kw)
+        for reason in ("media-timeout", "no-ack"):
+            self.reaped.labels(reason=reason)
         self.setup = Histogram("duplexline_sip_call_setup_seconds",
                                "Inbound call setup: INVITE received to 200 OK sent",
                                buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 2.0, 5.0), **kw)

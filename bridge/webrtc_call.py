@@ -12,8 +12,13 @@ rates: the decoder gives 48 kHz, the encoder takes 24 kHz, the models' own rate)
 States, moved by the peer's events: ANSWERED (answer sent) -> CONNECTED (ICE + DTLS up:
 the session is answered, media flows) -> ENDED. A call that does not connect within
 `connect_timeout` ends with "ice-timeout"; a connection that fails or closes ends it with
-"connection-lost". `end()` is idempotent (concurrent callers share one end), closes the
-peer, ends the session, and reports once to the leg.
+"connection-lost"; a connected call that has received no audio for `media_timeout` seconds
+ends with "media-timeout" (the page is told why over the data channel). aiortc's ICE
+consent checks (RFC 7675: one check every 4-6 s, closed after 6 failures) catch a vanished
+browser only after about half a minute, and never a peer that keeps answering them but
+sends no audio. `end()` is idempotent (concurrent callers share one end), closes the
+peer, ends the session, and reports once to the leg (`on_connected` first, when it
+connected).
 
 Event loop only. The two audio callbacks are the 20 ms hot path: no logging, no JSON.
 """
@@ -57,8 +62,9 @@ PeerFactory = Callable[..., "WebRtcPeer"]
 class WebRtcCall:
     def __init__(self, call_id: str, session: CallSession, inbound: LineAudio, outbound: LineAudio,
                  metrics: WebRtcMetrics, *,
-                 make_peer: PeerFactory, connect_timeout: float,
-                 on_ended: Callable[["WebRtcCall"], None]) -> None:
+                 make_peer: PeerFactory, connect_timeout: float, media_timeout: float = 0.0,
+                 on_ended: Callable[["WebRtcCall"], None],
+                 on_connected: Callable[["WebRtcCall"], None] | None = None) -> None:
         self.call_id = call_id
         self.session = session
         self.phase = CallPhase.ANSWERED
@@ -68,9 +74,12 @@ class WebRtcCall:
         self._outbound = outbound
         self._metrics = metrics
         self._on_ended = on_ended
+        self._on_connected = on_connected
         self._connect_timeout = connect_timeout
+        self._media_timeout = media_timeout  # 0: never
+        self._heard = (0, 0.0)  # (the peer's frames_in, when it last moved)
         self._ending = Once()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the connect timer, then the media check
         self._bg = BackgroundTasks()
         self.peer = make_peer(on_audio=self._audio_in, pull_audio=self._audio_out,
                               on_message=self._message, on_state=self._state)
@@ -111,6 +120,12 @@ class WebRtcCall:
             self.phase = CallPhase.CONNECTED
             if self._timer is not None:
                 self._timer.cancel()
+                self._timer = None
+            if self._on_connected is not None:
+                self._on_connected(self)
+            if self._media_timeout:
+                self._heard = (self.peer.stats.frames_in, time.monotonic())
+                self._timer = asyncio.get_running_loop().call_later(self._media_period, self._check_media)
             self._metrics.connect.observe(time.monotonic() - self.created)
             self._bg.spawn(self.session.answered())
             log.info("call %s: connected in %.0f ms", self.call_id, (time.monotonic() - self.created) * 1000)
@@ -147,8 +162,29 @@ class WebRtcCall:
             log.info("call %s: no connection within %.0f s", self.call_id, self._connect_timeout)
             self._bg.spawn(self.end("ice-timeout"))
 
+    @property
+    def _media_period(self) -> float:
+        return min(1.0, self._media_timeout / 4)
+
+    def _check_media(self) -> None:
+        """Every second or so while connected: has any audio come since the last check?
+        (The peer counts frames on the hot path; this reads the count, not each frame.)"""
+        if self.phase is not CallPhase.CONNECTED:
+            return
+        frames, since = self._heard
+        now = time.monotonic()
+        if self.peer.stats.frames_in != frames:
+            self._heard = (self.peer.stats.frames_in, now)
+        elif now - since >= self._media_timeout:
+            self._timer = None
+            log.info("call %s: no audio from the browser for %.1f s; hanging up", self.call_id, now - since)
+            self._bg.spawn(self._hangup_requested("media-timeout"))
+            return
+        self._timer = asyncio.get_running_loop().call_later(self._media_period, self._check_media)
+
     async def _hangup_requested(self, reason: str) -> None:
-        """The operator (POST /calls/{id}/hangup) or a drain hangs up: tell the page why."""
+        """The operator (POST /calls/{id}/hangup), a drain or the media timeout hangs up:
+        tell the page why."""
         self.send("hangup", {"reason": reason})
         await self.end(reason)
 

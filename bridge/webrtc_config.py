@@ -12,6 +12,13 @@ The offer token is a secret: `repr` never shows it.
     --webrtc-max-calls       peer connections this process holds at once (default 100)
     --webrtc-media           fast (default) or stock: aiortc's own media path, kept as the
                              benchmark baseline and a fallback (docs/webrtc.md)
+    --webrtc-connect-timeout seconds from the answer to ICE + DTLS connected (default 10)
+    --webrtc-max-pending     offers answered but not yet connected, at once (default 4)
+    --webrtc-max-pending-per-source   the same, from one remote address (default 2)
+
+An answered offer holds an engine slot before it connects; the pending caps and the connect
+timeout keep offers that never connect from locking real callers out (SIP ones included).
+Behind a reverse proxy every offer comes from the proxy's address: raise the per-source cap.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .options import Option, choice, ip_address, positive_int, redacted_repr
+from .options import Option, choice, ip_address, positive_int, redacted_repr, seconds
 
 __all__ = ["IceServer", "WebRtcSettings", "WEBRTC_OPTIONS", "MEDIA_PATHS", "parse_ice_servers"]
 
 MEDIA_PATHS = ("fast", "stock")
 _ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 _MAX_CALLS_LIMIT = 10000
+_CONNECT_TIMEOUT_RANGE = (1.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,13 @@ def _token(text: str) -> str:
     return text
 
 
+def _connect_timeout(text: str) -> float:
+    value, (low, high) = seconds(text), _CONNECT_TIMEOUT_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"must be {low:g}..{high:g} seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class WebRtcSettings:
     ice_servers: tuple[IceServer, ...] = ()
@@ -94,6 +109,9 @@ class WebRtcSettings:
     token: str | None = None  # a secret: __repr__ shows <set>
     max_calls: int = 100
     media: str = "fast"
+    connect_timeout: float = 10.0
+    max_pending: int = 4
+    max_pending_per_source: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.ice_servers, tuple) or not all(isinstance(s, IceServer) for s in self.ice_servers):
@@ -109,6 +127,12 @@ class WebRtcSettings:
             raise ValueError(f"max_calls: must be 1..{_MAX_CALLS_LIMIT}, got {self.max_calls}")
         if self.media not in MEDIA_PATHS:
             raise ValueError(f"media: must be one of {', '.join(MEDIA_PATHS)}, got {self.media!r}")
+        low, high = _CONNECT_TIMEOUT_RANGE
+        if not low <= self.connect_timeout <= high:
+            raise ValueError(f"connect_timeout: must be {low:g}..{high:g} seconds, got {self.connect_timeout}")
+        for name in ("max_pending", "max_pending_per_source"):
+            if not 1 <= getattr(self, name) <= _MAX_CALLS_LIMIT:
+                raise ValueError(f"{name}: must be 1..{_MAX_CALLS_LIMIT}, got {getattr(self, name)}")
 
     def __repr__(self) -> str:
         return redacted_repr(self, ("token",))
@@ -131,4 +155,14 @@ WEBRTC_OPTIONS: tuple[Option, ...] = (
     Option("webrtc_media", choice(MEDIA_PATHS),
            "WebRTC media path: fast (default) or stock (aiortc's own, slower; a fallback and the "
            "benchmark baseline)", "PATH", section="webrtc", field="media"),
+    Option("webrtc_connect_timeout", _connect_timeout,
+           "seconds from the answer to the WebRTC connection being up (ICE + DTLS); a call not "
+           "connected by then ends and frees its slot (default 10)", "SECONDS",
+           section="webrtc", field="connect_timeout"),
+    Option("webrtc_max_pending", positive_int,
+           "WebRTC offers answered but not yet connected, at once; more are refused with 503 "
+           "(default 4)", "N", section="webrtc", field="max_pending"),
+    Option("webrtc_max_pending_per_source", positive_int,
+           "the same, from one remote address (default 2; raise it behind a reverse proxy)", "N",
+           section="webrtc", field="max_pending_per_source"),
 )

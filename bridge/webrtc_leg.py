@@ -6,20 +6,30 @@
     close()          idempotent: end every call ("shutdown") and close its peer connection
 
 Admission order: the offer text is checked first (nothing exists yet), then this
-process's own limit (`--webrtc-max-calls`, 503 server-full), then the manager (busy /
-draining, from the agent or the engine), and only then is a peer connection built. Any
-failure after admission ends the session again, so a refused offer leaves nothing behind.
+process's own limit (`--webrtc-max-calls`, 503 server-full), then the pending caps, then
+the manager (busy / draining, from the agent or the engine), and only then is a peer
+connection built. Any failure after admission ends the session again, so a refused offer
+leaves nothing behind.
 
-No per-call timers beyond aiortc's own: the page takes the round trip from its own
-getStats, and the agent's latency figures arrive as events (a once-a-second "stats" event per call
-cost 4-5% of the process's CPU at 30 calls in SCTP work; see docs/webrtc.md).
+Pending offers: an offer holds an engine slot from admission until it connects, and one
+that never connects would hold it until `--webrtc-connect-timeout`. So at most
+`--webrtc-max-pending` offers may be pending at once, and `--webrtc-max-pending-per-source`
+from one remote address (503 too-many-pending / too-many-pending-source, with
+Retry-After): a burst of offers that never connect cannot lock SIP or browser callers out.
+
+Per-call timers: the connect timer, then a media check about once a second (no audio for
+`--media-timeout`: the call ends). Nothing else: the page takes the round trip from its
+own getStats, and the agent's latency figures arrive as events (a once-a-second "stats"
+event per call cost 4-5% of the process's CPU at 30 calls in SCTP work; see docs/webrtc.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
+import math
 import uuid
 from pathlib import Path
 
@@ -45,7 +55,6 @@ __all__ = ["WebRtcLeg", "start", "STATIC_DIR"]
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
-CONNECT_TIMEOUT = 20.0  # seconds from the answer to ICE + DTLS up
 ANSWER_TIMEOUT = 10.0  # seconds aiortc may take to gather host candidates and answer
 
 
@@ -62,8 +71,9 @@ def _refusal(exc: CallRefused) -> OfferRejected:
 
 class WebRtcLeg:
     def __init__(self, settings: WebRtcSettings, manager: CallManager, metrics: WebRtcMetrics,
-                 peer_class: type) -> None:
+                 peer_class: type, media_timeout: float = 0.0) -> None:
         self.settings = settings
+        self.media_timeout = media_timeout
         self._peer_class = peer_class
         fast = settings.media == "fast"
         self._receive_rate = peer_class.receive_rate(fast)
@@ -74,6 +84,9 @@ class WebRtcLeg:
         self.draining = False
         self.calls: dict[str, WebRtcCall] = {}
         self._opening = 0  # offers past the limit check, not yet in `calls`
+        # Offers from the limit check until connected or ended, by remote address.
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._pending_calls: dict[str, str] = {}  # call id -> remote address, while pending
         self._closing = Once()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -93,7 +106,13 @@ class WebRtcLeg:
     def describe(self) -> dict:
         """For /readyz details."""
         return {"webrtc": {"calls": len(self.calls), "max_calls": self.settings.max_calls,
+                           "pending": self.pending, "max_pending": self.settings.max_pending,
                            "draining": self.draining, "media": self.settings.media}}
+
+    @property
+    def pending(self) -> int:
+        """Offers answered (or being answered) that have not connected yet."""
+        return self._pending.total()
 
     # ---- calls --------------------------------------------------------------------------
 
@@ -106,7 +125,10 @@ class WebRtcLeg:
             raise OfferRejected(503, "server-full",
                                 f"the server is full ({self.settings.max_calls} calls); try again later",
                                 retry_after=10)
+        self._check_pending(remote)
         self._opening += 1
+        self._pending[remote] += 1
+        call: WebRtcCall | None = None
         try:
             call_id = uuid.uuid4().hex
             inbound = LineAudio(self._receive_rate)
@@ -117,13 +139,17 @@ class WebRtcLeg:
                 raise _refusal(exc) from None
             try:
                 call = WebRtcCall(call_id, session, inbound, outbound, self.metrics, make_peer=self._make_peer,
-                                  connect_timeout=CONNECT_TIMEOUT, on_ended=self._ended)
+                                  connect_timeout=self.settings.connect_timeout, media_timeout=self.media_timeout,
+                                  on_ended=self._ended, on_connected=self._settle)
             except BaseException:
                 await session.end("offer-failed")
                 raise
             self.calls[call_id] = call
+            self._pending_calls[call_id] = remote
         finally:
             self._opening -= 1
+            if call is None:
+                self._release(remote)
         try:
             answer = await asyncio.wait_for(call.accept(offer.sdp), ANSWER_TIMEOUT)
         except (PeerFailed, asyncio.TimeoutError) as exc:
@@ -142,7 +168,32 @@ class WebRtcLeg:
         await call.end(reason)
         return True
 
+    def _check_pending(self, remote: str) -> None:
+        """503 when too many offers are pending, in all or from `remote`. Retry-After: by
+        then the pending ones have connected or timed out."""
+        retry = math.ceil(self.settings.connect_timeout)
+        if self.pending >= self.settings.max_pending:
+            raise OfferRejected(503, "too-many-pending",
+                                f"{self.pending} calls are still connecting (at most {self.settings.max_pending}); "
+                                "try again in a moment", retry_after=retry)
+        if self._pending[remote] >= self.settings.max_pending_per_source:
+            raise OfferRejected(503, "too-many-pending-source",
+                                f"{self._pending[remote]} calls from your address are still connecting (at most "
+                                f"{self.settings.max_pending_per_source}); try again in a moment", retry_after=retry)
+
+    def _release(self, remote: str) -> None:
+        self._pending[remote] -= 1
+        if self._pending[remote] <= 0:
+            del self._pending[remote]
+
+    def _settle(self, call: WebRtcCall) -> None:
+        """The call connected or ended: it is pending no more."""
+        remote = self._pending_calls.pop(call.call_id, None)
+        if remote is not None:
+            self._release(remote)
+
     def _ended(self, call: WebRtcCall) -> None:
+        self._settle(call)
         self.calls.pop(call.call_id, None)
 
 
@@ -166,7 +217,7 @@ async def start(settings, manager: CallManager, app: web.Application, registry: 
         except OpusError as exc:
             raise BridgeError(f"--webrtc-media fast needs libopus: {exc} (or --webrtc-media stock)") from None
         webrtc_clock.install()  # process-wide; the stock path keeps aiortc as shipped
-    leg = WebRtcLeg(settings.webrtc, manager, WebRtcMetrics(registry), WebRtcPeer)
+    leg = WebRtcLeg(settings.webrtc, manager, WebRtcMetrics(registry), WebRtcPeer, settings.media_timeout)
     add_signaling_routes(app, leg, settings.webrtc, STATIC_DIR)
     log.info("webrtc leg up: aiortc %s, media path %s (opus: %s), ICE servers %d, public address %s, "
              "offer token %s", aiortc_version(), settings.webrtc.media, codec, len(settings.webrtc.ice_servers),

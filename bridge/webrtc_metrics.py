@@ -13,9 +13,10 @@ __all__ = ["WebRtcMetrics", "OFFER_OUTCOMES", "END_REASONS", "end_reason_label"]
 
 OFFER_OUTCOMES = ("answered", "unauthorized", "bad-content-type", "bad-json", "not-an-offer", "too-large",
                   "bad-sdp", "no-audio", "unsupported-media", "unsupported-codec", "server-full", "busy",
-                  "draining", "duplicate", "refused", "peer-failed")
-END_REASONS = ("remote-hangup", "connection-lost", "ice-timeout", "operator", "shutdown", "drain-timeout",
-               "offer-failed", "error", "other")
+                  "draining", "duplicate", "refused", "peer-failed", "too-many-pending",
+                  "too-many-pending-source")
+END_REASONS = ("remote-hangup", "connection-lost", "ice-timeout", "media-timeout", "operator", "shutdown",
+               "drain-timeout", "offer-failed", "error", "other")
 CONNECT_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 

@@ -23,6 +23,8 @@
     "server-full": "The line is busy: every seat is taken. Try again in a minute.",
     "busy": "The assistant is busy with other callers. Try again in a minute.",
     "draining": "The server is restarting. Try again shortly.",
+    "too-many-pending": "Many calls are connecting right now. Try again in a moment.",
+    "too-many-pending-source": "Calls from your network are still connecting. Try again in a moment.",
     "unauthorized": "This line needs an access token: open the link you were given (ending in #token=...).",
     "peer-failed": "The server could not set up the call.",
   };

@@ -95,7 +95,7 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path and self.log_path.exists() else ""
 
     def get(self, path: str) -> tuple[int, dict]:
-        return http_json("GET", self.url + path)
+        return http_json("GET", self.url + path, token=self.token)  # /calls is admin data
 
     def post(self, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
         return http_json("POST", self.url + path, token=self.token, body=body, timeout=timeout)

@@ -27,8 +27,9 @@ def test_serve_answers_the_control_plane_and_stops_on_sigterm(tmp_path):
                       log_path=tmp_path / "serve.log") as server:
         status, ready = http_json("GET", server.url + "/readyz")
         assert status == 200 and ready["ready"] and ready["agent"] == "omniflatten" and ready["store"] == "memory"
-        assert http_json("GET", server.url + "/calls") == (200, {"calls": []})
-        assert http_json("GET", server.url + "/calls/nope")[0] == 404
+        assert http_json("GET", server.url + "/calls")[0] == 401  # call records are admin data
+        assert http_json("GET", server.url + "/calls", token="s3cret") == (200, {"calls": []})
+        assert http_json("GET", server.url + "/calls/nope", token="s3cret")[0] == 404
         assert http_json("POST", server.url + "/calls/nope/hangup")[0] == 401
         assert http_json("POST", server.url + "/calls/nope/hangup", token="wrong")[0] == 401
         assert http_json("POST", server.url + "/calls/nope/hangup", token="s3cret")[0] == 404
