@@ -555,6 +555,15 @@ class RawPhone(_UdpAgent):
         self._send(self._request("BYE", dialog["uri"], dialog["call_id"], 2, dialog["to"]), dialog["dest"])
 
 
+class NeverAcksPhone(RawPhone):
+    """A RawPhone that takes the 200 OK and never sends the ACK: a caller that holds a slot
+    without proving its address."""
+
+    def _send(self, lines: list[str], addr, body: str = "") -> None:
+        if not lines[0].startswith("ACK "):
+            super()._send(lines, addr, body)
+
+
 def wait_sip_ready(port: int, timeout: float = 30.0) -> None:
     """The SIP leg answers OPTIONS once its front door is up."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from bridge.sip_call import ACK_TIMEOUT
-from tests.integration.sip_peers import BaresipPeer, BridgeProcess, RawPhone, eventually
+from tests.integration.sip_peers import BaresipPeer, BridgeProcess, NeverAcksPhone, RawPhone, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -120,16 +120,8 @@ def test_a_held_call_is_spared_and_its_clock_restarts_on_resume(bridge, workdir)
     _no_live_calls(bridge)
 
 
-class _NeverAcks(RawPhone):
-    """Sends the INVITE, takes the 200 OK, never sends the ACK."""
-
-    def _send(self, lines: list[str], addr, body: str = "") -> None:
-        if not lines[0].startswith("ACK "):
-            super()._send(lines, addr, body)
-
-
 def test_an_answered_invite_never_acked_is_hung_up_as_no_ack(bridge):
-    with _NeverAcks(bridge.sip_port) as phone:
+    with NeverAcksPhone(bridge.sip_port) as phone:
         dialog = phone.call()
         assert dialog["status"] == 200, dialog
         t0 = time.monotonic()

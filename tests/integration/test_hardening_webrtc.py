@@ -31,6 +31,7 @@ import time
 import pytest
 
 from .netns import REPO, NetNs, NsServer
+from .sip_peers import eventually
 from .test_webrtc_offers import CHROME_OFFER
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,17 +55,6 @@ def _offer(ns: NetNs, port: int, source: str) -> tuple[int, dict, dict]:
             conn.close()
 
     return ns.call(post)
-
-
-def _eventually(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.05)  # polling interval; the deadline bounds the wait
 
 
 def test_offers_that_never_connect_are_capped_and_freed(ns, tmp_path):
@@ -97,8 +87,8 @@ def test_offers_that_never_connect_are_capped_and_freed(ns, tmp_path):
         assert ready["calls"] == MAX_PENDING and ready["details"]["webrtc"]["pending"] == MAX_PENDING, ready
         # None connects: after the connect timeout every slot is free again.
         t0 = time.monotonic()
-        ready = _eventually(lambda: (r := srv.json("GET", "/readyz")[1])["calls"] == 0 and r,
-                            CONNECT_TIMEOUT + MARGIN, "every slot free")
+        ready = eventually(lambda: (r := srv.json("GET", "/readyz")[1])["calls"] == 0 and r,
+                           CONNECT_TIMEOUT + MARGIN, what="every slot free")
         assert ready["details"]["webrtc"]["pending"] == 0, ready
         assert time.monotonic() - t0 <= CONNECT_TIMEOUT + MARGIN
         for call_id in answered:
@@ -181,8 +171,8 @@ def test_a_caller_that_sends_no_audio_is_hung_up(ns, media_server, tmp_path, how
             assert hangup["data"]["reason"] == "media-timeout"
         else:
             os.kill(client.proc.pid, signal.SIGSTOP)  # gone: no audio, no consent answers
-        record = _eventually(lambda: (r := media_server.json("GET", f"/calls/{call_id}")[1])["state"] == "ended"
-                             and r, MEDIA_TIMEOUT + MARGIN, "the call to end")
+        record = eventually(lambda: (r := media_server.json("GET", f"/calls/{call_id}")[1])["state"] == "ended"
+                            and r, MEDIA_TIMEOUT + MARGIN, what="the call to end")
         elapsed = time.monotonic() - t0
         assert record["end_reason"] == "media-timeout", record
         assert MEDIA_TIMEOUT * 0.9 <= elapsed <= MEDIA_TIMEOUT + MARGIN, elapsed

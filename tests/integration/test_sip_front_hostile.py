@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.integration.sip_peers import BridgeProcess, RawPhone, eventually, metric_value
+from tests.integration.sip_peers import BridgeProcess, NeverAcksPhone, eventually, metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -160,27 +160,9 @@ def _final_options_ok(bridge) -> bool:
         return _final(sock, timeout=0.5) == 200
 
 
-class _NoAckPhone(RawPhone):
-    """Places INVITEs and never ACKs the 200: each stays pending at the front."""
-
-    def call_without_ack(self, timeout: float = 10.0) -> int:
-        import queue as _queue
-        call_id = os.urandom(8).hex()
-        q: _queue.Queue = _queue.Queue()
-        self._replies[call_id] = q
-        uri = f"sip:bot@127.0.0.1:{self.port}"
-        self._send(self._request("INVITE", uri, call_id, 1, f"<{uri}>") + ["Content-Type: application/sdp"],
-                   ("127.0.0.1", self.port), self._SDP)
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = q.get(timeout=max(0.01, deadline - time.monotonic()))
-            if reply.status >= 200:
-                return reply.status
-
-
 def test_unacked_invites_are_capped_per_source(bridge):
-    with _NoAckPhone(bridge.sip_port) as phone:
-        statuses = [phone.call_without_ack() for _ in range(4)]
+    with NeverAcksPhone(bridge.sip_port) as phone:
+        statuses = [phone.call()["status"] for _ in range(4)]
     assert statuses == [200, 200, 200, 503], statuses
     assert metric_value(bridge.metrics(), "duplexline_sip_refused_total", 'reason="pending_source"') >= 1
 
