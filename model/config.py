@@ -74,6 +74,10 @@ class OmniFlattenConfig:
     tokenizer_sample_rate: int = 16000
     decoder_sample_rate: int = 22050
     context_length: int = 8192
+    # When a session's context is full, at least this share of context_length (rounded up
+    # to whole chunks) is dropped at once, so a kept key is re-rotated at most about
+    # 1/roll_hop_fraction times: in bfloat16 each re-rotation re-rounds it (docs/engine.md).
+    roll_hop_fraction: float = 0.25
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dtype: str = "float32"  # float32, bfloat16, float16 or float64 (tests)
 
@@ -105,6 +109,9 @@ class OmniFlattenConfig:
             raise ConfigInvalid("text_chunk", "the two-stream mode has no text stream: use 0")
         if self.mode == THREE_STREAM and layout.text < 1:
             raise ConfigInvalid("text_chunk", "the three-stream mode needs at least one text token per chunk")
+        if not isinstance(self.roll_hop_fraction, (int, float)) or not 0.125 <= self.roll_hop_fraction <= 0.5:
+            raise ConfigInvalid("roll_hop_fraction", f"must be in [0.125, 0.5], got {self.roll_hop_fraction}: "
+                                "smaller hops let bfloat16 keys drift, larger ones drop most of the context")
         if self.context_length < 4 * layout.length:
             raise ConfigInvalid("context_length", f"{self.context_length} holds fewer than 4 chunks "
                                 f"of {layout.length} tokens")

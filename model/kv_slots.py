@@ -14,7 +14,11 @@ longest used length.
 Rolling (`drop()`): when a slot's next chunk would not fit, the oldest whole chunks after
 the fixed prefix are dropped and the kept tail moves left. Its keys were rotated (RoPE) for
 their old positions; a rotation by -shift re-positions them (StreamingLLM), since rotations
-compose. Values carry no position and just move.
+compose. Values carry no position and just move. The rotation is computed in float32 but
+stored in the cache's dtype, so in bfloat16 every drop re-rounds every kept key: callers
+drop in hops (a share of the context at once, `roll_hop_fraction`), which bounds how often
+any key is re-rounded by the window rather than by the length of the call
+(docs/engine.md, "The rolling context").
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ class SlotKVCache:
 
     def drop(self, slot: int, start: int, count: int) -> None:
         """Remove cache columns [start, start + count) of a slot; later columns move left by
-        `count` and their keys are re-rotated to their new positions."""
+        `count` and their keys are re-rotated to their new positions (one rounding to the
+        cache's dtype per call, whatever `count`: drop much at once, not often)."""
         n = self.lengths[slot]
         if count <= 0:
             return

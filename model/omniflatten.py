@@ -19,6 +19,7 @@ so a session's tokens do not depend on who else is in the batch.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -177,16 +178,26 @@ class BatchStepper:
         return head + list(user_ids)
 
     def _roll(self, slot: int, need: int) -> None:
-        """Drop the oldest whole chunks after the prompt until `need` more tokens fit."""
+        """When `need` more tokens would not fit, drop the oldest whole chunks after the
+        prompt (the prompt always stays): at least one hop, `roll_hop_fraction` of the
+        context rounded up to whole chunks, and never the newest chunk.
+
+        Every drop re-rotates the whole kept tail, and in bfloat16 re-rounds it; dropping a
+        hop at once bounds the re-roundings of any key by the context's length in hops
+        (about 1/roll_hop_fraction), however many times a long call rolls. Dropping one
+        chunk at a time let the keys drift with every chunk (docs/engine.md, measured)."""
         s = self._slots[slot]
         length = self.cache.lengths[slot]
         over = length + need - self.cache.capacity
         if over <= 0:
             return
+        config = self.model.config
         chunk = self.model.layout.length
-        drop = -(-over // chunk)
-        if drop >= s.chunks:
+        least = -(-over // chunk)
+        if least >= s.chunks:
             raise RuntimeError(f"slot {slot}: context {self.cache.capacity} cannot hold one chunk")
+        hop = max(1, math.ceil(config.roll_hop_fraction * config.context_length / chunk))
+        drop = min(max(least, hop), s.chunks - 1)
         self.cache.drop(slot, len(s.prompt), drop * chunk)
         s.rolled += drop
         s.chunks -= drop
