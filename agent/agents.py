@@ -2,9 +2,13 @@
 
 - `echo`: plays the caller's audio straight back, for line tests and latency measurement;
 - `omniflatten`: the full-duplex model. Caller frames are cut into chunks of the model's
-  chunk period, tokenized (S3, every call's chunk batched on the tokenizer's thread),
-  stepped on the shared engine (batched on its thread), and the assistant's speech codes
-  decoded on a small thread pool and played: the event loop only moves buffers.
+  chunk period, aligned once, when the audio starts, to the engine's clock (the first
+  chunk is led by silence so that every chunk completes just before an engine tick, with
+  every other call's), handed to the shared engine, which tokenizes (S3) and steps every
+  call's chunk of one tick as one batch on its thread and device, and the assistant's
+  speech codes decoded on a small thread pool and played: the event loop only moves
+  buffers. Caller frames lost upstream (a stall the transport skipped) are replaced by
+  silence (`lost`), so the chunks stay on the engine's clock.
 
 Barge-in: the model has no interruption token; it stops talking. When a chunk starts with
 silent speech right after a chunk that ended in speech, the assistant was cut off, so what
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gc
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -30,11 +35,10 @@ from typing import Callable
 import numpy as np
 
 from model.codec import SpeechDecoder, SpeechTokenizer
-from model.codec_batcher import TokenizerBatcher
 from model.engine import Engine, EngineSession
 from model.errors import EngineFull, StaleSession as EngineStale
 
-from .call import FRAME_RATE, AudioSink, CallInfo, CallRefused
+from .call import FRAME_RATE, FRAME_SAMPLES, AudioSink, CallInfo, CallRefused
 from .metrics import AgentMetrics
 
 __all__ = ["Agent", "AgentSession", "EchoAgent", "OmniFlattenAgent", "Emit"]
@@ -46,6 +50,7 @@ Emit = Callable[[str, dict], None]  # (event kind, data): to the transport and t
 # A caller frame whose peak passes this (-30 dBFS) holds speech; line noise and comfort
 # noise stay well below. Cheap enough for every frame; the model itself needs no VAD.
 SPEECH_PEAK = 1000
+_MAX_PENDING = 3  # chunks whose results the session has not taken up yet
 
 
 class AgentSession(ABC):
@@ -60,6 +65,10 @@ class AgentSession(ABC):
 
     def dtmf(self, digit: str) -> None:
         """A keypad digit from the caller."""
+
+    def lost(self, frames: int) -> None:
+        """`frames` caller frames were lost upstream (never arrived): the call's clock
+        moved on without them."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -122,7 +131,6 @@ class _OmniFlattenSession(AgentSession):
         self._engine_session = engine_session
         self._sink = sink
         self._emit = emit
-        self._tok = agent.tokenizer.new_stream()
         self._dec = agent.decoder.new_stream()
         model = agent.engine.model
         self._vocab = model.vocab
@@ -130,8 +138,10 @@ class _OmniFlattenSession(AgentSession):
         self._chunk_samples = int(round(model.config.chunk_seconds * FRAME_RATE))
         self._buf = np.zeros(self._chunk_samples, dtype=np.float32)
         self._fill = 0
-        self._codes: collections.deque[int] = collections.deque()
-        self._queue: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(maxsize=2)
+        self._aligned = False  # on the engine's clock (from the first frame after start/resume)
+        # Chunks handed to the engine, oldest first: (future of its results, chunk end).
+        self._pending: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
+        self._wake = asyncio.Event()
         self._hold = False
         self._speaking = False
         self._last_code_speech = False
@@ -145,43 +155,84 @@ class _OmniFlattenSession(AgentSession):
         # not wait for a reply; once it has gone quiet, the caller's turn is what it answers.
         if not self._speaking and max(int(frame.max()), -int(frame.min())) > SPEECH_PEAK:
             self._caller_spoke_at = time.monotonic()
-        n = len(frame)
+        self._push(frame * (1.0 / 32768.0))
+
+    def lost(self, frames: int) -> None:
+        """Silence in place of lost frames keeps the chunks on the engine's clock; a gap
+        longer than two chunks is not worth replaying: join the clock afresh instead."""
+        if self._hold or self._closed or not self._aligned or frames <= 0:
+            return
+        if frames * FRAME_SAMPLES > 2 * self._chunk_samples:
+            self._engine_session.pause()
+            self._aligned = False
+            self._fill = 0
+            return
+        silence = np.zeros(FRAME_SAMPLES, np.float32)
+        for _ in range(frames):
+            self._push(silence)
+
+    def _push(self, samples: np.ndarray) -> None:
+        if not self._aligned:
+            # The first chunk: leading silence so that it, and every chunk after it,
+            # completes just before one of the engine's ticks.
+            try:
+                pad = self._engine_session.align(time.monotonic(), FRAME_SAMPLES / FRAME_RATE)
+            except EngineStale:
+                return  # the engine closed the session: the call goes on in silence
+            self._fill = pad * FRAME_SAMPLES
+            self._buf[:self._fill] = 0.0
+            self._aligned = True
+        n = len(samples)
         take = min(n, self._chunk_samples - self._fill)
-        self._buf[self._fill:self._fill + take] = frame[:take] * (1.0 / 32768.0)
+        self._buf[self._fill:self._fill + take] = samples[:take]
         self._fill += take
         if self._fill < self._chunk_samples:
             return
         chunk, self._fill = self._buf.copy(), 0
         if take < n:
-            rest = frame[take:]
-            self._buf[:len(rest)] = rest * (1.0 / 32768.0)
+            rest = samples[take:]
+            self._buf[:len(rest)] = rest
             self._fill = len(rest)
-        if self._queue.full():  # the pipeline is behind: drop the oldest, keep the clock
-            self._queue.get_nowait()
-            self._agent.metrics.dropped_frames.labels(reason="backlog").inc(self._chunk_samples // 320)
-        self._queue.put_nowait((chunk, time.monotonic()))
+        try:
+            fut = self._engine_session.submit_audio(chunk)
+        except EngineStale:
+            return
+        if len(self._pending) >= _MAX_PENDING:  # results not taken up: drop the oldest
+            old, _ = self._pending.popleft()
+            old.cancel()
+            self._agent.metrics.dropped_frames.labels(reason="backlog").inc(self._chunk_samples // FRAME_SAMPLES)
+        self._pending.append((fut, time.monotonic()))
+        self._wake.set()
 
     def set_hold(self, on: bool) -> None:
         self._hold = on
         self._fill = 0
         if on:
+            self._engine_session.pause()
+            self._aligned = False
             self._sink.flush()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         pool = self._agent.pool
         m = self._agent.metrics
-        user = self._layout.user
         try:
             while True:
-                chunk, t_end = await self._queue.get()
-                codes = await self._agent.tokenize.push(self._tok, chunk)
-                self._codes.extend(int(c) for c in codes)
-                while len(self._codes) >= user:
-                    ids = [self._vocab.speech_id(self._codes.popleft()) for _ in range(user)]
-                    t0 = time.monotonic()
-                    result = await self._engine_session.step(ids)
-                    m.chunk_step.observe(time.monotonic() - t0)
+                while not self._pending:
+                    self._wake.clear()
+                    await self._wake.wait()
+                fut, t_end = self._pending[0]
+                try:
+                    results = await fut
+                except asyncio.CancelledError:
+                    if fut.cancelled() and not self._closed:
+                        continue  # dropped as backlog
+                    raise
+                finally:
+                    if self._pending and self._pending[0][0] is fut:
+                        self._pending.popleft()
+                m.chunk_step.observe(time.monotonic() - t_end)
+                for result in results:
                     speech = np.asarray(result.speech_codes, dtype=np.int64)
                     pcm = await loop.run_in_executor(pool, self._dec.push, speech)
                     self._play(result, speech, pcm, t_end)
@@ -240,6 +291,9 @@ class _OmniFlattenSession(AgentSession):
             return
         self._closed = True
         self._task.cancel()
+        for fut, _ in self._pending:
+            fut.cancel()
+        self._pending.clear()
         self._engine_session.close()
         try:
             await self._task
@@ -259,15 +313,25 @@ class OmniFlattenAgent(Agent):
         self.metrics = metrics
         self.detokenize = detokenize or (lambda ids: "".join(f"⟨{i}⟩" for i in ids))
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="duplexline-codec")
-        self.tokenize = TokenizerBatcher(tokenizer)
+        if engine.tokenizer is None:
+            engine.attach_tokenizer(tokenizer)  # the engine tokenizes every tick's audio as one batch
+        elif engine.tokenizer is not tokenizer:
+            raise ValueError("the engine already has another speech tokenizer")
 
     async def start(self) -> None:
-        self.engine.start()
-        self.tokenize.start()
+        # The engine warms up at start (measuring its tick at several batch sizes, so that
+        # admission has data before the first call): off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.start)
+        # Then the start-up heap (torch, transformers, the model: ~400k objects) leaves the
+        # garbage collector's view. A full collection walks every tracked object holding
+        # the GIL; measured here, one during eight live calls stalled the whole process for
+        # 0.2 s idle and 1.3 s on a busy machine, and the SIP leg skipped every call's audio
+        # for that long. Frozen objects are never scanned again; what calls create still is.
+        gc.collect()
+        gc.freeze()
 
     async def close(self) -> None:
         self.engine.close()
-        self.tokenize.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:

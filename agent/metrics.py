@@ -26,6 +26,10 @@ class AgentMetrics:
             buckets=FRAME_BUCKETS, **kw)
         self.late_frames = Counter("duplexline_agent_late_frames_total",
                                    "Caller frames more than one frame period late", **kw)
+        self.lost_frames = Counter(
+            "duplexline_agent_lost_frames_total",
+            "Caller frames that never arrived (skipped upstream, e.g. after a stall): the agent "
+            "heard silence in their place; not counted late", **kw)
         self.dropped_frames = Counter("duplexline_agent_dropped_frames_total",
                                       "Caller audio dropped by the agent, by reason", ["reason"], **kw)
         self.playout_depth = Histogram(

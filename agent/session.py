@@ -2,9 +2,19 @@
 
 States move on events: RINGING (admitted, not yet answered) -> ACTIVE (the transport
 answered) <-> ON_HOLD -> ENDING -> ENDED. The session counts frames, measures how late
-each caller frame arrives against the call's own 20 ms clock, forwards DTMF and turn
-events, and keeps the store's record current (counts are flushed with the lease renewal,
-not per frame). One session's failure ends that call only.
+each caller frame arrives against the call's own 20 ms clock (`FrameClock`), forwards DTMF
+and turn events, and keeps the store's record current (counts are flushed with the lease
+renewal, not per frame). One session's failure ends that call only.
+
+Lateness says what the caller experiences. A transport that stalls (the whole process
+paused for 400 ms, say) either delivers the frames late in a burst, or skips them (the SIP
+leg does, rather than queue delay for the rest of the call). Skipped frames are lost, not
+late: the frames after them are on time. A clock that only counted frames took every later
+frame for 380 ms late, for the rest of the call (measured: one 0.4 s stall, 92-96% of each
+call's frames "late"). So when late frames keep the regular pace with a steady offset, the
+frames before them are counted lost once (`duplexline_agent_lost_frames_total`), the
+agent hears silence in their place (keeping its chunks on the engine's clock), and the
+clock moves on: one stall costs one late frame, plus what it lost.
 """
 
 from __future__ import annotations
@@ -22,15 +32,70 @@ from .metrics import AgentMetrics
 from .once import BackgroundTasks, Once
 from .store import CallEvent, CallState, SessionStore
 
-__all__ = ["CallSession"]
+__all__ = ["CallSession", "FrameClock"]
 
 log = logging.getLogger(__name__)
 
 FRAME_SECONDS = 0.02
+CONFIRM_FRAMES = 3  # late frames at a steady offset that show the frames before them were lost
 STORED_EVENTS = frozenset({"turn", "barge-in", "dtmf", "hold", "resume", "error", "hangup-requested"})
 
 EventListener = Callable[[str, dict], None]
 HangupHandler = Callable[[str], Awaitable[None]]
+
+
+class FrameClock:
+    """A call's frame clock, as the caller experiences it: `arrive(now)` for each frame
+    gives the lateness of the frames judged by it, and how many frames were lost before
+    them.
+
+    Frame n is due at anchor + n·period, the anchor following the earliest arrivals
+    (jitter makes frames late, never early). A frame more than a period late is held back
+    until the frames after it show what happened: if the stream catches up (a burst), the
+    held frames were delayed and count late; if `confirm` of them keep the regular pace at
+    a steady offset, the frames before them never came: they count lost, the first held
+    frame late (by the gap), and the clock moves on by the lost frames."""
+
+    def __init__(self, period: float = FRAME_SECONDS, confirm: int = CONFIRM_FRAMES) -> None:
+        self.period = period
+        self.confirm = max(1, confirm)
+        self.reset()
+
+    def reset(self) -> None:
+        self._anchor: float | None = None
+        self._n = 0  # frames on the clock: arrived and lost
+        self._held: list[float] = []  # offsets (arrival - n * period) of late frames not yet judged
+
+    def arrive(self, now: float) -> tuple[list[float], int]:
+        if self._anchor is None:
+            self._anchor, self._n = now, 1
+            return [0.0], 0
+        offset = now - self._n * self.period
+        self._n += 1
+        anchor = self._anchor
+        if offset - anchor <= self.period:  # on time: held frames were delayed, not lost
+            judged = [h - anchor for h in self._held] + [max(0.0, offset - anchor)]
+            self._held.clear()
+            self._anchor = min(anchor, offset)
+            return judged, 0
+        self._held.append(offset)
+        if len(self._held) < self.confirm:
+            return [], 0
+        if max(self._held) - min(self._held) < self.period / 2:
+            lost = max(1, int(round((min(self._held) - anchor) / self.period)))
+            shift = lost * self.period
+            judged = [self._held[0] - anchor] + [max(0.0, h - shift - anchor) for h in self._held[1:]]
+            self._anchor = min(anchor, min(self._held) - shift)
+            self._n += lost
+            self._held.clear()
+            return judged, lost
+        return [self._held.pop(0) - anchor], 0  # catching up (a burst): the oldest was late
+
+    def finish(self) -> list[float]:
+        """Lateness of the frames still held at the end of the call (late, by their offset)."""
+        judged = [h - self._anchor for h in self._held] if self._anchor is not None else []
+        self._held.clear()
+        return judged
 
 
 class CallSession:
@@ -39,7 +104,7 @@ class CallSession:
         self.info = info
         self.state = CallState.RINGING
         self.started = time.monotonic()
-        self.frames_in = self.frames_out = self.frames_late = 0
+        self.frames_in = self.frames_out = self.frames_late = self.frames_lost = 0
         self.end_reason: str | None = None
         self._store = store
         self._metrics = metrics
@@ -47,7 +112,7 @@ class CallSession:
         self._agent: AgentSession | None = None
         self._listeners: list[EventListener] = []
         self._hangup: HangupHandler | None = None
-        self._clock0: float | None = None
+        self._clock = FrameClock()
         self._ending = Once()
         self._bg = BackgroundTasks()
 
@@ -84,23 +149,25 @@ class CallSession:
         """One caller frame: int16 [320] at 16 kHz. Event loop only; never blocks."""
         if len(frame) != FRAME_SAMPLES:
             raise ValueError(f"a frame is {FRAME_SAMPLES} samples at 16 kHz, got {len(frame)}")
-        now = time.monotonic()
-        n = self.frames_in
         self.frames_in += 1
-        if self._clock0 is None:
-            self._clock0 = now
-        lateness = now - (self._clock0 + n * FRAME_SECONDS)
-        if lateness < 0:  # early (jitter): the clock follows the earliest arrivals
-            self._clock0 = now - n * FRAME_SECONDS
-            lateness = 0.0
-        self._metrics.frame_lateness.observe(lateness)
-        if lateness > FRAME_SECONDS:
-            self.frames_late += 1
-            self._metrics.late_frames.inc()
+        judged, lost = self._clock.arrive(time.monotonic())
+        self._judge(judged)
+        if lost:
+            self.frames_lost += lost
+            self._metrics.lost_frames.inc(lost)
         if self.state is CallState.ACTIVE and self._agent is not None:
             self._agent.feed(frame)
+            if lost:
+                self._agent.lost(lost)  # after this frame: the loss shows only now
         elif self.state is CallState.ON_HOLD:
             self._metrics.dropped_frames.labels(reason="on_hold").inc()
+
+    def _judge(self, latenesses: list[float]) -> None:
+        for lateness in latenesses:
+            self._metrics.frame_lateness.observe(lateness)
+            if lateness > FRAME_SECONDS:
+                self.frames_late += 1
+                self._metrics.late_frames.inc()
 
     def frame_sent(self) -> None:
         self.frames_out += 1
@@ -119,7 +186,8 @@ class CallSession:
         if self.state not in (CallState.ACTIVE, CallState.ON_HOLD):
             return
         self.state = CallState.ON_HOLD if on else CallState.ACTIVE
-        self._clock0 = None
+        self._judge(self._clock.finish())
+        self._clock.reset()
         if self._agent is not None:
             self._agent.set_hold(on)
         self.emit("hold" if on else "resume", {})
@@ -143,6 +211,7 @@ class CallSession:
     async def _end(self, reason: str) -> None:
         self.end_reason = reason
         self.state = CallState.ENDING
+        self._judge(self._clock.finish())
         if self._agent is not None:
             try:
                 await self._agent.close()
@@ -159,8 +228,9 @@ class CallSession:
             log.exception("call %s: store end failed", self.info.call_id)
         self._on_end(self)
         log.info("call ended: id=%s transport=%s remote=%s reason=%s duration=%.1fs frames_in=%d "
-                 "frames_out=%d late=%d", self.info.call_id, self.info.transport, self.info.remote,
-                 reason, time.monotonic() - self.started, self.frames_in, self.frames_out, self.frames_late)
+                 "frames_out=%d late=%d lost=%d", self.info.call_id, self.info.transport, self.info.remote,
+                 reason, time.monotonic() - self.started, self.frames_in, self.frames_out, self.frames_late,
+                 self.frames_lost)
 
     # ---- store -------------------------------------------------------------------------------
 

@@ -54,10 +54,10 @@ def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentM
         model = build_model(config, seed=0, device=device)
         tokenizer = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2,
                                                 codebook_size=config.speech_codebook_size,
-                                                token_rate=config.speech_token_rate), seed=0)
+                                                token_rate=config.speech_token_rate), seed=0, device=device)
         decoder = StandInToneDecoder(config.decoder_sample_rate, config.speech_token_rate,
                                      config.speech_codebook_size)
         log.warning("no --model given: using a TINY RANDOM, UNTRAINED OmniFlatten model; callers "
                     "will hear stand-in tones, not speech (write one with `duplexline model init --tiny DIR`)")
-    engine = Engine(model, settings.slots, registry=registry)
+    engine = Engine(model, settings.slots, tokenizer=tokenizer, registry=registry)
     return OmniFlattenAgent(engine, tokenizer, decoder, metrics)

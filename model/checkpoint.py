@@ -184,7 +184,8 @@ def load_model(folder: str | Path, device: str = "cpu") -> LoadedModel:
     if (folder / "tokenizer").exists():
         from .s3_tokenizer import S3Tokenizer
 
-        tokenizer = S3Tokenizer.load(folder / "tokenizer")
+        # On the engine's device: the engine tokenizes every tick's audio there, batched.
+        tokenizer = S3Tokenizer.load(folder / "tokenizer", device=device)
     decoder = StandInToneDecoder.load(folder / "decoder.json")
     if decoder.sample_rate != config.decoder_sample_rate or decoder.token_rate != config.speech_token_rate:
         raise CheckpointError(folder / "decoder.json", f"decoder runs {decoder.token_rate} Hz -> "

@@ -1,75 +1,60 @@
-"""`TokenizerBatcher`: every call's tokenizer pushes on one thread, batched.
+"""`TickTokenizer`: the speech tokenizer's part of an engine tick.
 
-Each call pushes one chunk of audio per chunk period; tokenizing them one by one costs a
-forward pass per call (and on the CPU, one Python-heavy pass per call fighting the event
-loop for the GIL). Pushes that wait together are encoded in one batched pass
-(`SpeechTokenizer.push_many`), the way the engine batches the LLM step. The asyncio side
-awaits its codes without blocking.
+Each call sends one chunk of audio per chunk period. The engine tokenizes every chunk of
+one tick in one batched pass (`SpeechTokenizer.push_many`), on the engine's own thread and
+device, right before the LLM step those codes feed: one thread, one clock, one batch per
+stage. (Before, a separate tokenizer thread batched whatever pushes happened to wait
+together; calls at random phases rarely did, and its Python-heavy passes fought the engine
+and the event loop for the GIL.)
+
+ENGINE THREAD: not thread-safe; the engine's thread is its only user.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import time
 
 import numpy as np
 
 from .codec import SpeechTokenizer, TokenizerStream
-from .futures import fail, resolve
-from .worker_thread import WorkerThread
 
-__all__ = ["TokenizerBatcher"]
-
-log = logging.getLogger(__name__)
+__all__ = ["TickTokenizer"]
 
 
-class TokenizerBatcher(WorkerThread):
-    def __init__(self, tokenizer: SpeechTokenizer, max_batch: int = 256) -> None:
-        super().__init__("duplexline-tokenizer")
+class TickTokenizer:
+    def __init__(self, tokenizer: SpeechTokenizer) -> None:
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self._queue: list[tuple[TokenizerStream, np.ndarray, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self.batches = 0
+        self._pool: list[TokenizerStream] = []  # warm-up streams
 
-    async def push(self, stream: TokenizerStream, pcm: np.ndarray) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        with self._cv:
-            if self._stopping:
-                raise RuntimeError("the tokenizer batcher is closed")
-            self._queue.append((stream, pcm, fut, loop))
-            self._cv.notify()
-        return await fut
+    def new_stream(self) -> TokenizerStream:
+        return self.tokenizer.new_stream()
 
-    def _run(self) -> None:  # TOKENIZER THREAD
-        while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    pending, self._queue = self._queue, []
-                    break
-                work, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-            # A stream pushed twice in one batch would see its chunks out of order: keep the
-            # second for the next round.
-            seen: set[int] = set()
-            batch, later = [], []
-            for item in work:
-                (later if id(item[0]) in seen else batch).append(item)
-                seen.add(id(item[0]))
-            if later:
-                with self._cv:
-                    self._queue[:0] = later
-            try:
-                codes = self.tokenizer.push_many([b[0] for b in batch], [b[1] for b in batch])
-            except Exception as exc:
-                log.exception("tokenizer batch of %d failed", len(batch))
-                for _, _, fut, loop in batch:
-                    loop.call_soon_threadsafe(fail, fut, exc)
-                continue
-            self.batches += 1
-            for (_, _, fut, loop), c in zip(batch, codes):
-                loop.call_soon_threadsafe(resolve, fut, c)
-        for _, _, fut, loop in pending:
-            loop.call_soon_threadsafe(fail, fut, RuntimeError("the tokenizer batcher stopped"))
+    def push(self, streams: list[TokenizerStream], pcms: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """Each stream's new codes for its chunk of audio (one chunk per stream: a stream
+        twice in one batch would see its audio out of order), and the seconds it took."""
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("a stream appears twice in one tokenizer batch")
+        t0 = time.perf_counter()
+        codes = self.tokenizer.push_many(streams, pcms)
+        self.batches += 1
+        return codes, time.perf_counter() - t0
 
+    def warm_up(self, size: int, chunk_samples: int, prefill_seconds: float = 3.0) -> float:
+        """Seconds of one batched push of `chunk_samples` per stream for `size` streams.
+        The streams persist across calls (a growing pool), each filled with
+        `prefill_seconds` of noise before its first timed push, so every timed push
+        re-encodes a full streaming window, as in a live call."""
+        rng = np.random.default_rng(len(self._pool))
+        fresh = [self.new_stream() for _ in range(max(0, size - len(self._pool)))]
+        if fresh:
+            noise = [(0.1 * rng.standard_normal(chunk_samples)).astype(np.float32) for _ in fresh]
+            pushes = max(1, int(np.ceil(prefill_seconds * self.tokenizer.sample_rate / chunk_samples)))
+            for _ in range(pushes):
+                self.tokenizer.push_many(fresh, noise)
+            self._pool += fresh
+        noise = [(0.1 * rng.standard_normal(chunk_samples)).astype(np.float32) for _ in range(size)]
+        return min(self.push(self._pool[:size], noise)[1] for _ in range(2))
+
+    def end_warm_up(self) -> None:
+        self._pool = []

@@ -109,8 +109,8 @@ def test_admission_refuses_when_full_and_when_draining(model):
 
 def test_admission_refuses_when_steps_would_miss_the_deadline(model):
     engine = Engine(model, slots=8, registry=CollectorRegistry(), headroom=0.5)
-    engine._record(1, 0.04, 0)
-    engine._record(2, 0.09, 0)  # period 0.2 s: 2 sessions take 90 ms, 4 are projected at 180
+    engine.llm_costs.record(1, 0.04)
+    engine.llm_costs.record(2, 0.09)  # period 0.2 s: 2 rows take 90 ms, 3 are projected at 135
     engine.open_session()
     engine.open_session()
     with pytest.raises(EngineFull) as exc:
