@@ -17,6 +17,7 @@ import sys
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector, PlatformCollector
+from prometheus_client.core import GaugeMetricFamily
 
 from agent.calls import CallManager
 from agent.errors import AgentError
@@ -36,6 +37,18 @@ __all__ = ["run_server", "serve"]
 log = logging.getLogger(__name__)
 
 
+class _TaskCount:
+    """`duplexline_bridge_asyncio_tasks`: tasks alive on the event loop. A task left behind
+    per call or per hostile request shows here before it shows as memory."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def collect(self):
+        yield GaugeMetricFamily("duplexline_bridge_asyncio_tasks", "asyncio tasks alive on the bridge's event loop",
+                                value=len(asyncio.all_tasks(self._loop)))
+
+
 async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegistry | None = None) -> None:
     """Run until `stop` is set, then drain and unwind. Raises OSError naming the address
     when a port is taken."""
@@ -43,6 +56,7 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
+    registry.register(_TaskCount(asyncio.get_running_loop()))
     metrics = AgentMetrics(registry)
     agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics)
     manager = CallManager(agent, create_store(settings.redis), metrics)
