@@ -16,6 +16,7 @@ import signal
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, ProcessCollector, PlatformCollector
 from prometheus_client.core import GaugeMetricFamily
 
@@ -35,6 +36,16 @@ from .sip_http import add_sip_routes
 __all__ = ["run_server", "serve"]
 
 log = logging.getLogger(__name__)
+
+
+class _NoBadRequestTracebacks(logging.Filter):
+    """aiohttp logs a whole traceback at ERROR for every request its parser rejects
+    (`Content-Length: -1`, a bad header byte), after answering it 400. That is the client's
+    error, not ours, and one per request is a log flood: drop those lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
 
 
 class _TaskCount:
@@ -57,6 +68,7 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
     registry.register(_TaskCount(asyncio.get_running_loop()))
+    logging.getLogger("aiohttp.server").addFilter(_NoBadRequestTracebacks())
     metrics = AgentMetrics(registry)
     agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics)
     manager = CallManager(agent, create_store(settings.redis), metrics)

@@ -203,8 +203,12 @@ def check_request(msg: SipMessage, size: int) -> Malformed | None:
     if to is None or not _uri_ok(_addr_uri(to)):
         return Malformed("to", "missing or bad To")
     contact = msg.get("Contact")
-    if contact is not None and contact.strip() != "*" and not _uri_ok(_addr_uri(contact)):
-        return Malformed("header", "bad Contact")
+    if msg.method == "INVITE" and contact is None:
+        return Malformed("header", "an INVITE without Contact")  # RFC 3261 §8.1.1.8: MUST
+    if contact is not None and not (contact.strip() == "*" and msg.method == "REGISTER") \
+            and not _uri_ok(_addr_uri(contact)):
+        # '*' is REGISTER's alone: on an INVITE it corrupted the stack's native heap
+        return Malformed("header", f"bad Contact {contact[:60]!r}")
     call_id = msg.call_id.strip()
     if len(call_id) > MAX_CALL_ID or not _CALL_ID.match(call_id):
         return Malformed("call-id", f"bad Call-ID {call_id[:40]!r} ({len(call_id)} characters)")

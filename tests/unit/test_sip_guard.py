@@ -39,6 +39,8 @@ def test_a_plain_invite_passes():
     ({"From": "<sip:a@10.0.0.1>"}, "from"),
     ({"From": None}, "from"),
     ({"To": "garbage"}, "to"),
+    ({"Contact": "*"}, "header"),
+    ({"Contact": None}, "header"),
     ({"Call-ID": "has space"}, "call-id"),
     ({"Call-ID": "x" * 129}, "call-id"),
     ({"CSeq": "1 BYE"}, "cseq"),
