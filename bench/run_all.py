@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+LONG = {"soak.py"}  # 30 minutes: run by itself, not in `make bench`
 
 
 def main() -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in {"run_all.py"} and not p.name.startswith("_"))
+    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in {"run_all.py", *LONG} and not p.name.startswith("_"))
     failed = []
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)

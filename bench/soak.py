@@ -2,8 +2,8 @@
 bridge's memory stay flat?
 
 Run from the repository root: `python bench/soak.py [--minutes 30] [--interval 5]
-[--warmup 60] [--tolerance-mb 1]`. Not part of `make bench` (30 minutes by default): see
-`_launched_by_run_all`. Everything stays on 127.0.0.1.
+[--warmup 60] [--tolerance-mb 1]`. Not part of `make bench` (30 minutes by default:
+bench/run_all.py leaves it out). Everything stays on 127.0.0.1.
 
 The caller is a raw SIP/RTP user agent (tests/torture/harness.py `EchoPhone`, built on
 tests/integration/sip_peers.py `RawPhone`): it sends 20 ms PCMU packets on its own clock
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import secrets
 import sys
 import tempfile
@@ -43,16 +42,6 @@ from tests.torture.probe import snapshot  # noqa: E402
 RATE, FRAME = 8000, 160
 RTP_RANGE = (31000, 31099)
 _ECHO_FLOOR = 0.01  # RMS of the echo over an interval; silence is ~0
-
-
-def _launched_by_run_all() -> bool:
-    """True under `make bench` (bench/run_all.py runs every bench/*.py without arguments):
-    a 30-minute soak does not belong in that run. Run this file directly instead."""
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(part.endswith(b"run_all.py") for part in parent)
 
 
 def _tone_second() -> bytes:
@@ -141,9 +130,6 @@ def main() -> int:
                         "(default 60)")
     parser.add_argument("--tolerance-mb", type=float, default=1.0, help="RSS spread allowed (default 1 MB)")
     args = parser.parse_args()
-    if _launched_by_run_all() and len(sys.argv) == 1:
-        print("soak: not run by `make bench` (it takes 30 minutes); run `python bench/soak.py` by itself")
-        return 0
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         samples, code = soak(args.minutes, args.interval, args.warmup, Path(tmp))
     return 0 if report(samples, args.warmup, args.tolerance_mb, code) else 1
