@@ -11,10 +11,11 @@ Model (what the S3 encoder was trained on, so every step is fixed, not a choice)
 - `log10(max(mel, 1e-10))`, floored at `max - 8.0`, then `(x + 4) / 4`.
 
 The floor uses the maximum over *the input given*. Whole-utterance encoding gives the whole
-utterance; the streaming tokenizer gives the window it re-encodes (look-back + new audio +
-look-ahead), so in streaming "max" is the loudest mel bin of the current window. The two
-differ only where a frame lies more than 8 decades (80 dB) below the maximum, i.e. in near
-silence next to loud speech.
+utterance; the streaming tokenizer gives its window (look-back + step + look-ahead, whether
+it re-encodes the window or only the new frames), so in streaming "max" is the loudest mel
+bin of the current window. The two differ only where a frame lies more than 8 decades
+(80 dB) below the maximum, i.e. in near silence next to loud speech (docs/tokenizer.md:
+measured, not what limits streamed codes).
 
 Inputs of `n <= n_fft // 2` samples cannot be reflect-padded; they are zero-padded instead
 (they yield at most one frame, so this only matters for sub-frame fragments).

@@ -21,19 +21,18 @@ Invariants:
 - Whole-utterance encoding attends over at most `max_seconds` (30 s); longer input is cut
   into 30 s windows overlapping by 4 s and each window keeps the middle of its overlaps,
   as upstream does.
-- Streaming (`S3TokenizerStream`) re-encodes a sliding window on a fixed grid: step `i`
-  finalises codes `[i*S, (i+1)*S)` (S = step tokens) from the audio
-  `[(i*S)*H - lookback, (i+1)*S*H + lookahead)` (H = samples per code). Codes therefore
-  depend only on the audio, never on how it was split into pushes, and the buffer never
-  holds more than one window. They differ from whole-utterance codes because attention
-  sees only the window (no future beyond the look-ahead, positions restart per window) and
-  the log-mel floor uses the window's maximum; see `s3_frontend`.
+- Streaming (`S3TokenizerStream`, in `s3_stream`) makes codes on a fixed grid of steps
+  from a window of look-back + step + look-ahead; codes depend only on the audio, never on
+  how it was pushed. With utterance positions a stream equals `encode` for any encoder
+  whose context fits the window; how closely it does for the real one, and what each
+  window costs, is measured in docs/tokenizer.md.
 - The quantiser normalises the encoder output to unit length before the nearest-neighbour
   search, as upstream's `VectorQuantization.encode` does.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -48,15 +47,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codec import SpeechTokenizer, TokenizerStream
+from .codec import SpeechTokenizer
 from .errors import CheckpointError, ConfigInvalid
 from .s3_frontend import LogMel, n_frames
+from .s3_stream import S3TokenizerStream
+from .s3_stream import push_many as _push_many
 
 __all__ = [
     "S3Config",
     "S3Model",
     "S3Tokenizer",
     "S3TokenizerStream",
+    "LEGACY_STREAMING",
     "WEIGHTS_FILE",
     "CONFIG_FILE",
 ]
@@ -77,11 +79,29 @@ class S3Config:
     """Sizes of the S3 tokenizer and of its streaming window.
 
     The defaults are the upstream v1 50 Hz model (`speech_tokenizer_v1.onnx`); the 25 Hz
-    model differs only in `token_rate=25` (conv1 stride 2). Streaming: each re-encode
-    covers `window_seconds` = `lookback_seconds` (already-coded audio kept as left context)
-    + new audio (the step, a whole number of codes) + `lookahead_seconds` (right context a
-    code waits for: added latency). The default step, 0.2 s, is one OmniFlatten user
-    chunk (10 codes at 50 Hz, 5 at 25 Hz): codes arrive as the engine consumes them."""
+    model differs only in `token_rate=25` (conv1 stride 2).
+
+    Streaming (docs/tokenizer.md has the measurements behind the defaults): every
+    `step_seconds` of audio (a whole number of codes) becomes final once
+    `lookahead_seconds` more has arrived: the look-ahead is added latency. The encoder sees
+    `lookback_seconds` of already-coded audio as left context. `stream_encoder` says how:
+
+    - `"cache"`: each step encodes only its new frames (the step and the look-ahead); they
+      attend to the keys and values the look-back frames had when they were new, kept
+      per layer. Compute about (step + look-ahead) / step times the audio, whatever the
+      look-back; memory `2 * layers * lookback codes * width` per stream.
+    - `"reencode"`: each step re-encodes the whole window (look-back + step + look-ahead):
+      compute window / step times the audio; memory one window of samples.
+
+    `stream_positions`: `"utterance"` gives every frame the position whole-utterance
+    `encode` gives it (frame index within its 30 s segment of the long-audio rule), so a
+    stream reproduces `encode` exactly for any encoder whose context fits the window;
+    `"window"` restarts positions at each window's first frame (the behaviour before the
+    window was measured; reencode only).
+
+    The previous behaviour is `LEGACY_STREAMING` (2.0 s look-back, no look-ahead,
+    re-encoded with window positions): a saved config without the newer fields loads
+    with it."""
 
     n_mels: int = 128
     width: int = 1280  # n_state
@@ -93,9 +113,11 @@ class S3Config:
     hop: int = 160
     sample_rate: int = 16000
     max_seconds: float = 30.0  # attention span of one encode; sets the 1500 positions
-    window_seconds: float = 2.2
+    step_seconds: float = 0.2  # one OmniFlatten user chunk at 50 Hz: codes come as the engine needs them
     lookback_seconds: float = 2.0
-    lookahead_seconds: float = 0.0
+    lookahead_seconds: float = 0.02  # one 20 ms frame: covers the convolutions (docs/tokenizer.md)
+    stream_encoder: str = "cache"
+    stream_positions: str = "utterance"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -105,7 +127,7 @@ class S3Config:
     def _check_types(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            wanted = (int, float) if f.type == "float" else (int,)
+            wanted = {"float": (int, float), "str": (str,)}.get(f.type, (int,))
             if isinstance(value, bool) or not isinstance(value, wanted):
                 raise ConfigInvalid(f.name, f"must be {f.type}, got {value!r}")
 
@@ -126,23 +148,42 @@ class S3Config:
             raise ConfigInvalid("token_rate", f"must make conv1's stride 1 or 2 (50 or 25 Hz at hop "
                                 f"{self.hop}, {self.sample_rate} Hz), got {self.token_rate}")
         ctx = self.max_seconds * self.sample_rate / self.hop / 2
-        if not self.max_seconds > 0 or abs(ctx - round(ctx)) > _TOKEN_EPS:
-            raise ConfigInvalid("max_seconds", f"must be positive and a whole number of 2-frame "
-                                f"positions, got {self.max_seconds}")
+        if not self.max_seconds > _LONG_OVERLAP_SECONDS or abs(ctx - round(ctx)) > _TOKEN_EPS:
+            raise ConfigInvalid("max_seconds", f"must be over {_LONG_OVERLAP_SECONDS} s and a whole "
+                                f"number of 2-frame positions, got {self.max_seconds}")
 
     def _check_stream(self) -> None:
-        if not 0 < self.window_seconds <= self.max_seconds:
-            raise ConfigInvalid("window_seconds", f"must be in (0, max_seconds={self.max_seconds}], "
-                                f"got {self.window_seconds}")
-        if self.lookback_seconds < 0 or not _whole(self.lookback_seconds * self.token_rate):
+        rate = self.token_rate
+        if self.stream_encoder not in _STREAM_ENCODERS:
+            raise ConfigInvalid("stream_encoder", f"must be one of {_STREAM_ENCODERS}, got {self.stream_encoder!r}")
+        if self.stream_positions not in _STREAM_POSITIONS:
+            raise ConfigInvalid("stream_positions", f"must be one of {_STREAM_POSITIONS}, "
+                                f"got {self.stream_positions!r}")
+        if self.stream_encoder == "cache" and self.stream_positions != "utterance":
+            raise ConfigInvalid("stream_positions", "the cache keeps each frame's keys from when it was new, "
+                                "at its utterance position: use \"utterance\" (or stream_encoder \"reencode\")")
+        if not self.step_seconds > 0 or not _whole(self.step_seconds * rate):
+            raise ConfigInvalid("step_seconds", f"must be a positive whole number of codes (1/{rate} s), "
+                                f"got {self.step_seconds}")
+        if self.lookback_seconds < 0 or not _whole(self.lookback_seconds * rate):
             raise ConfigInvalid("lookback_seconds", f"must be >= 0 and a whole number of codes "
-                                f"(1/{self.token_rate} s), got {self.lookback_seconds}")
+                                f"(1/{rate} s), got {self.lookback_seconds}")
         if self.lookahead_seconds < 0:
             raise ConfigInvalid("lookahead_seconds", f"must be >= 0, got {self.lookahead_seconds}")
-        step = (self.window_seconds - self.lookback_seconds - self.lookahead_seconds) * self.token_rate
-        if step < 1 - _TOKEN_EPS or not _whole(step):
-            raise ConfigInvalid("window_seconds", f"minus look-back and look-ahead must leave a whole "
-                                f"number (>= 1) of codes of 1/{self.token_rate} s, leaves {step:g}")
+        if self.stream_positions == "window":
+            if self.window_seconds > self.max_seconds + _TOKEN_EPS:
+                raise ConfigInvalid("lookback_seconds", f"look-back + step + look-ahead = {self.window_seconds:g} s "
+                                    f"exceeds max_seconds={self.max_seconds}")
+            return
+        # Utterance positions: a step's codes lie inside one segment of the long-audio rule
+        # and the look-ahead stays inside that segment's positions.
+        if self.lookahead_seconds > _LONG_OVERLAP_SECONDS / 2:
+            raise ConfigInvalid("lookahead_seconds", f"must be at most {_LONG_OVERLAP_SECONDS / 2:g} s with "
+                                f"utterance positions, got {self.lookahead_seconds}")
+        if self.first_segment_tokens % self.step_tokens or self.segment_hop_tokens % self.step_tokens:
+            raise ConfigInvalid("step_seconds", f"must divide the long-audio segments "
+                                f"({self.first_segment_tokens} and {self.segment_hop_tokens} codes) "
+                                f"with utterance positions, got {self.step_tokens} codes")
 
     # Derived sizes ---------------------------------------------------------------
 
@@ -162,16 +203,43 @@ class S3Config:
 
     @property
     def step_tokens(self) -> int:
-        """Codes finalised per streaming re-encode."""
-        return round((self.window_seconds - self.lookback_seconds - self.lookahead_seconds) * self.token_rate)
+        """Codes finalised per streaming step."""
+        return round(self.step_seconds * self.token_rate)
+
+    @property
+    def window_seconds(self) -> float:
+        """Audio one re-encode covers: look-back + step + look-ahead."""
+        return self.lookback_seconds + self.step_seconds + self.lookahead_seconds
+
+    @property
+    def lookback_tokens(self) -> int:
+        return round(self.lookback_seconds * self.token_rate)
 
     @property
     def lookback_samples(self) -> int:
-        return round(self.lookback_seconds * self.token_rate) * self.samples_per_token
+        return self.lookback_tokens * self.samples_per_token
 
     @property
     def lookahead_samples(self) -> int:
         return round(self.lookahead_seconds * self.sample_rate)
+
+    @property
+    def first_segment_tokens(self) -> int:
+        """Codes whole-utterance `encode` takes from its first 30 s segment on long audio
+        (the segment minus half the 4 s overlap)."""
+        return round((self.max_seconds - _LONG_OVERLAP_SECONDS / 2) * self.token_rate)
+
+    @property
+    def segment_hop_tokens(self) -> int:
+        """Codes between the starts of two long-audio segments (30 s - 4 s overlap)."""
+        return round((self.max_seconds - _LONG_OVERLAP_SECONDS) * self.token_rate)
+
+    def segment_start(self, code: int) -> int:
+        """Index of the first code of the long-audio segment whose positions code `code`
+        gets in whole-utterance `encode` (0 for the first 28 s)."""
+        if code < self.first_segment_tokens:
+            return 0
+        return (1 + (code - self.first_segment_tokens) // self.segment_hop_tokens) * self.segment_hop_tokens
 
     def tokens_for_samples(self, n_samples: int) -> int:
         """Codes that whole-utterance encoding gives for `n_samples` samples."""
@@ -184,9 +252,12 @@ class S3Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> S3Config:
-        """Exactly the fields of `S3Config`; an unknown or missing one raises ConfigInvalid."""
+        """Exactly the fields of `S3Config`; an unknown or missing one raises ConfigInvalid.
+        A config saved before the window was measured (`window_seconds`, no step, encoder
+        or positions field) loads with the streaming it was saved with."""
         if not isinstance(data, Mapping):
             raise ConfigInvalid("<root>", f"must be an object, got {type(data).__name__}", source)
+        data = _upgrade_legacy(dict(data))
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
@@ -195,13 +266,35 @@ class S3Config:
             if name not in data:
                 raise ConfigInvalid(name, "missing", source)
         try:
-            return cls(**dict(data))
+            return cls(**data)
         except ConfigInvalid as exc:
             if source is None:
                 raise
             # Same field and reason, now naming the file it came from.
             why = str(exc).split(": ", 1)[-1]
             raise ConfigInvalid(exc.field, why, source) from None
+
+
+# Streaming as it was before docs/tokenizer.md measured it: a 2.2 s window re-encoded
+# every 0.2 s with positions restarting per window, no look-ahead.
+LEGACY_STREAMING: dict[str, Any] = dict(step_seconds=0.2, lookback_seconds=2.0, lookahead_seconds=0.0,
+                                        stream_encoder="reencode", stream_positions="window")
+_STREAM_ENCODERS = ("cache", "reencode")
+_STREAM_POSITIONS = ("utterance", "window")
+
+
+def _upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of the first format had `window_seconds` and none of the newer
+    fields: the step is what the window left, the encoder and positions the legacy ones."""
+    if "window_seconds" not in data or any(k in data for k in ("step_seconds", "stream_encoder", "stream_positions")):
+        return data
+    window = data.pop("window_seconds")
+    lookback, lookahead = data.get("lookback_seconds"), data.get("lookahead_seconds")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (window, lookback, lookahead)):
+        data["step_seconds"] = round(window - lookback - lookahead, 9)
+    data.setdefault("stream_encoder", LEGACY_STREAMING["stream_encoder"])
+    data.setdefault("stream_positions", LEGACY_STREAMING["stream_positions"])
+    return data
 
 
 def _whole(x: float) -> bool:
@@ -243,16 +336,21 @@ class _Attention(nn.Module):
         self.value = nn.Linear(width, width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention of `x` (B, T, width), over `past` keys and values (B, P, width)
+        first when given; `keep` masks keys (B, 1, 1, P + T). Returns the output and this
+        call's keys and values (B, T, width), which a streaming cache keeps."""
         b, t, d = x.shape
+        k, v = self.key(x), self.value(x)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
 
         def split(y: Tensor) -> Tensor:
-            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            return y.view(b, y.shape[1], self.heads, d // self.heads).transpose(1, 2)
 
         # Default scale 1/sqrt(head_dim) equals upstream's head_dim**-0.25 on both q and k.
-        y = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)),
-                                           split(self.value(x)), attn_mask=keep)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        y = F.scaled_dot_product_attention(split(self.query(x)), split(keys), split(values), attn_mask=keep)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), k, v
 
 
 class _Block(nn.Module):
@@ -264,9 +362,11 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.mlp_ln = _LayerNorm(width)
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
-        x = x + self.attn(self.attn_ln(x), keep)
-        return x + self.mlp(self.mlp_ln(x))
+    def forward(self, x: Tensor, keep: Tensor | None,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        y, k, v = self.attn(self.attn_ln(x), keep, past)
+        x = x + y
+        return x + self.mlp(self.mlp_ln(x)), k, v
 
 
 def _length_mask(lengths: Tensor, size: int) -> Tensor:
@@ -283,8 +383,20 @@ class _AudioEncoder(nn.Module):
         self.register_buffer("positional_embedding", _sinusoids(c.n_ctx, c.width))
         self.blocks = nn.ModuleList(_Block(c.width, c.heads) for _ in range(c.layers))
 
-    def forward(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """`mel` (B, n_mels, T) with valid lengths (B,) -> hidden (B, T', width), lengths."""
+    def forward(self, mel: Tensor, lengths: Tensor, first_position: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`mel` (B, n_mels, T) with valid lengths (B,) -> hidden (B, T', width), lengths.
+        Row b's first frame gets position `first_position[b]` (default 0)."""
+        x, lengths = self.features(mel, lengths)
+        padded = bool((lengths < x.shape[1]).any())
+        x = x + self.positions(x.shape[1], first_position).to(x.dtype)
+        keep = _length_mask(lengths, x.shape[1])[:, None, None, :] if padded else None
+        for block in self.blocks:
+            x = block(x, keep)[0]
+        return x, lengths
+
+    def features(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The two convolutions: (B, n_mels, T) -> (B, T', width) and lengths. Local: a
+        code's features see 5 mel frames (50 Hz) or 7 (25 Hz) around it."""
         padded = bool((lengths < mel.shape[2]).any())
         x = mel
         for conv, stride in ((self.conv1, self.stride), (self.conv2, 2)):
@@ -292,15 +404,33 @@ class _AudioEncoder(nn.Module):
                 x = x * _length_mask(lengths, x.shape[2])[:, None, :].to(x.dtype)
             x = F.gelu(conv(x))
             lengths = (lengths - 1) // stride + 1
-        x = x.transpose(1, 2)
-        if x.shape[1] > self.positional_embedding.shape[0]:
-            raise ValueError(f"{x.shape[1]} positions exceed the encoder's "
-                             f"{self.positional_embedding.shape[0]}; cut the input into windows")
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        keep = _length_mask(lengths, x.shape[1])[:, None, None, :] if padded else None
-        for block in self.blocks:
-            x = block(x, keep)
-        return x, lengths
+        return x.transpose(1, 2), lengths
+
+    def positions(self, length: int, first: Tensor | None = None) -> Tensor:
+        """Positional rows for `length` frames: (1, length, width) from 0, or (B, length,
+        width) from each row's `first`."""
+        table = self.positional_embedding
+        last = length if first is None else int(first.max()) + length
+        if last > table.shape[0]:
+            raise ValueError(f"{last} positions exceed the encoder's {table.shape[0]}; cut the input into windows")
+        if first is None:
+            return table[None, :length]
+        return table[first.to(table.device)[:, None] + torch.arange(length, device=table.device)[None, :]]
+
+    def forward_cached(self, x: Tensor, past_keys: Tensor, past_values: Tensor,
+                       past_keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The blocks over new frames `x` (B, T, width, positions added) that also attend to
+        cached keys and values (B, layers, P, width), of which `past_keep` (B, P) are
+        valid. Returns hidden (B, T, width) and the new frames' keys and values (B,
+        layers, T, width)."""
+        b, t, _ = x.shape
+        keep = torch.cat([past_keep, past_keep.new_ones(b, t)], 1)[:, None, None, :]
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, keep, (past_keys[:, i], past_values[:, i]))
+            keys.append(k)
+            values.append(v)
+        return x, torch.stack(keys, 1), torch.stack(values, 1)
 
 
 class _EuclideanCodebook(nn.Module):
@@ -335,9 +465,10 @@ class S3Model(nn.Module):
         self.encoder = _AudioEncoder(config)
         self.quantizer = _VectorQuantizer(config.width, config.codebook_size)
 
-    def forward(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-mel (B, n_mels, T) and lengths (B,) -> int64 codes (B, T') and their lengths."""
-        hidden, out_lengths = self.encoder(mel, lengths)
+    def forward(self, mel: Tensor, lengths: Tensor, first_position: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Log-mel (B, n_mels, T) and lengths (B,) -> int64 codes (B, T') and their lengths;
+        `first_position` (B,) offsets each row's positions (default 0)."""
+        hidden, out_lengths = self.encoder(mel, lengths, first_position)
         return self.quantizer(hidden), out_lengths
 
 
@@ -435,6 +566,18 @@ class S3Tokenizer(SpeechTokenizer):
         _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text + "\n"))
         return folder
 
+    def with_streaming(self, **changes: Any) -> S3Tokenizer:
+        """The same weights (shared, not copied) under other streaming fields: `step_seconds`,
+        `lookback_seconds`, `lookahead_seconds`, `stream_encoder`, `stream_positions`.
+        E.g. `with_streaming(**LEGACY_STREAMING)` for the behaviour before the window was
+        measured. Raises ConfigInvalid for any other field or a bad value."""
+        for name in changes:
+            if name not in LEGACY_STREAMING:
+                raise ConfigInvalid(name, f"not a streaming field ({', '.join(LEGACY_STREAMING)})")
+        other = copy.copy(self)
+        other.config = replace(self.config, **changes)
+        return other
+
     # Encoding ----------------------------------------------------------------
 
     def new_stream(self) -> S3TokenizerStream:
@@ -455,41 +598,12 @@ class S3Tokenizer(SpeechTokenizer):
         with torch.inference_mode():
             return self.front_end(torch.from_numpy(_as_pcm(pcm16k)))
 
-    def _codes_for_pcm(self, pcm: np.ndarray) -> np.ndarray:
-        """Codes of one window (at most `max_seconds`). Call under inference_mode."""
-        return self._codes_for_mel(self.front_end(torch.from_numpy(pcm)))
-
-    def _codes_for_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        """Codes of several equal-length windows in one batched pass (each row exactly
-        what `_codes_for_pcm` gives for it alone). Call under inference_mode."""
-        mel = self.front_end.batch(torch.from_numpy(np.stack(windows)))
-        if mel.shape[2] == 0:
-            return [np.zeros(0, dtype=np.int64) for _ in windows]
-        lengths = torch.full((len(windows),), mel.shape[2], device=self.device)
-        codes, _ = self.model(mel.to(self.device, self.dtype), lengths)
-        return list(codes.cpu().numpy().astype(np.int64, copy=False))
-
-    def push_many(self, streams: list["S3TokenizerStream"], pcms: list[np.ndarray]) -> list[np.ndarray]:
+    def push_many(self, streams: list[S3TokenizerStream], pcms: list[np.ndarray]) -> list[np.ndarray]:
         """`stream.push(pcm)` for many calls' streams at once: every step that becomes
-        ready is encoded in one batch per window length. Same codes as pushing one by one."""
-        out: list[list[np.ndarray]] = [[] for _ in streams]
+        ready is encoded in one batch per window shape. Same codes as pushing one by one."""
+        pcms = [_as_pcm(p) for p in pcms]
         with torch.inference_mode():
-            for stream, pcm in zip(streams, pcms):
-                stream._append(_as_pcm(pcm))
-            while True:
-                ready: dict[int, list[int]] = {}
-                for i, stream in enumerate(streams):
-                    if stream._ready():
-                        ready.setdefault(stream._window_length(), []).append(i)
-                if not ready:
-                    break
-                for rows in ready.values():
-                    windows = self._codes_for_windows([streams[i]._window() for i in rows])
-                    for i, codes in zip(rows, windows):
-                        out[i].append(streams[i]._commit(codes))
-                for i, stream in enumerate(streams):
-                    stream._append_pending()
-        return [np.concatenate(o) if o else np.zeros(0, dtype=np.int64) for o in out]
+            return _push_many(self, streams, pcms)
 
     def _codes_for_mel(self, mel: Tensor) -> np.ndarray:
         if mel.shape[1] == 0:
@@ -520,105 +634,6 @@ def _as_pcm(pcm: np.ndarray) -> np.ndarray:
     if pcm.ndim != 1 or not np.issubdtype(pcm.dtype, np.floating):
         raise ValueError(f"expected 1-D float samples in [-1, 1] at 16 kHz, got {pcm.dtype} {pcm.shape}")
     return np.ascontiguousarray(pcm, dtype=np.float32)
-
-
-# --------------------------------------------------------------------------- streaming
-
-
-class S3TokenizerStream(TokenizerStream):
-    """One call's streaming tokenizer over a preallocated buffer of one window of samples.
-
-    Step `i` runs once the audio reaches `(i+1)*S*H + lookahead` samples; it encodes the
-    window starting `lookback` before code `i*S` and returns codes `[i*S, (i+1)*S)`. Then
-    the buffer slides by `S*H` samples. Memory is one window (`window_seconds` of float32)
-    however long the call. Not thread-safe: one call, one thread at a time."""
-
-    def __init__(self, tokenizer: S3Tokenizer) -> None:
-        c = tokenizer.config
-        self._tok = tokenizer
-        self._per_token = c.samples_per_token
-        self._step = c.step_tokens
-        self._lookback = c.lookback_samples
-        self._lookahead = c.lookahead_samples
-        self._buf = np.zeros(self._lookback + self._step * self._per_token + self._lookahead, np.float32)
-        self.reset()
-
-    @property
-    def capacity(self) -> int:
-        """Samples the buffer can hold (fixed)."""
-        return len(self._buf)
-
-    @property
-    def buffered(self) -> int:
-        """Samples held now (<= capacity)."""
-        return self._n
-
-    @property
-    def emitted(self) -> int:
-        """Codes returned since the last reset."""
-        return self._emitted
-
-    def reset(self) -> None:
-        self._start = 0  # absolute sample index of self._buf[0]
-        self._n = 0  # samples held
-        self._emitted = 0  # == step index * step tokens, until flush
-        self._pending = np.zeros(0, np.float32)  # pushed audio that did not fit the buffer yet
-
-    def push(self, pcm16k: np.ndarray) -> np.ndarray:
-        return self._tok.push_many([self], [pcm16k])[0]
-
-    # The step, in parts, so that S3Tokenizer.push_many can batch many streams' windows.
-
-    def _append(self, pcm: np.ndarray) -> None:
-        self._pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
-        self._append_pending()
-
-    def _append_pending(self) -> None:
-        take = min(len(self._pending), len(self._buf) - self._n)
-        if take:
-            self._buf[self._n:self._n + take] = self._pending[:take]
-            self._n += take
-            self._pending = self._pending[take:]
-
-    def _ready(self) -> bool:
-        return self._n >= self._step_end() - self._start
-
-    def _window_length(self) -> int:
-        return self._step_end() - self._start
-
-    def _window(self) -> np.ndarray:
-        return self._buf[:self._window_length()]
-
-    def _commit(self, window: np.ndarray) -> np.ndarray:
-        """Take the step's codes out of its window's codes and slide the buffer."""
-        first = (self._emitted * self._per_token - self._start) // self._per_token
-        codes = window[first:first + self._step]
-        self._emitted += self._step
-        new_start = max(0, self._emitted * self._per_token - self._lookback)
-        shift = new_start - self._start
-        if shift:
-            # numpy copes with the overlap; this is one window's memmove per step.
-            self._buf[:self._n - shift] = self._buf[shift:self._n]
-            self._n -= shift
-            self._start = new_start
-        return codes
-
-    def flush(self) -> np.ndarray:
-        """End of the utterance: return the codes of the audio not yet coded (as many as
-        whole-utterance encoding gives for the total length), then reset."""
-        total = self._tok.config.tokens_for_samples(self._start + self._n)
-        codes = np.zeros(0, dtype=np.int64)
-        if total > self._emitted:
-            with torch.inference_mode():
-                window = self._tok._codes_for_pcm(self._buf[:self._n])
-            first = (self._emitted * self._per_token - self._start) // self._per_token
-            codes = window[first:first + total - self._emitted]
-        self.reset()
-        return codes
-
-    def _step_end(self) -> int:
-        """Absolute sample the current step needs before it can run."""
-        return (self._emitted + self._step) * self._per_token + self._lookahead
 
 
 # --------------------------------------------------------------------------- files

@@ -15,7 +15,7 @@ import torch
 
 from model.errors import CheckpointError, ConfigInvalid
 from model.s3_frontend import LogMel, n_frames, slaney_mel_filters
-from model.s3_tokenizer import CONFIG_FILE, WEIGHTS_FILE, S3Config, S3Model, S3Tokenizer
+from model.s3_tokenizer import CONFIG_FILE, LEGACY_STREAMING, WEIGHTS_FILE, S3Config, S3Model, S3Tokenizer
 
 SR = 16000
 TINY = dict(width=64, heads=4, layers=2, codebook_size=64)
@@ -74,7 +74,10 @@ def test_config_defaults_are_upstream_v1():
 
 @pytest.mark.parametrize("field,value", [
     ("width", 66), ("heads", 0), ("codebook_size", 1), ("token_rate", 40), ("token_rate", 100),
-    ("max_seconds", 0), ("window_seconds", 40.0), ("lookback_seconds", 0.01), ("lookahead_seconds", -1.0),
+    ("max_seconds", 0), ("max_seconds", 4.0), ("step_seconds", 0.0), ("step_seconds", 0.01),
+    ("step_seconds", 0.3),  # 15 codes do not divide the 1400-code first segment
+    ("lookback_seconds", 0.01), ("lookahead_seconds", -1.0), ("lookahead_seconds", 2.5),
+    ("stream_encoder", "fast"), ("stream_positions", "absolute"), ("stream_encoder", 1),
     ("layers", 2.0), ("n_mels", True),
 ])
 def test_config_rejects_bad_field(field, value):
@@ -83,11 +86,38 @@ def test_config_rejects_bad_field(field, value):
     assert err.value.field == field
 
 
-def test_config_window_must_leave_whole_codes():
+def test_config_window_fields():
+    c = S3Config(lookback_seconds=0.8, lookahead_seconds=0.05)
+    assert (c.step_tokens, c.lookback_tokens, c.lookahead_samples) == (10, 40, 800)
+    assert abs(c.window_seconds - 1.05) < 1e-9
+    assert S3Config(token_rate=25).step_tokens == 5
+    # Window positions re-encode the window from position 0: it must fit the encoder.
     with pytest.raises(ConfigInvalid) as err:
-        S3Config(window_seconds=2.01, lookback_seconds=2.0)
+        S3Config(**{**LEGACY_STREAMING, "lookback_seconds": 29.9})
+    assert err.value.field == "lookback_seconds"
+    assert S3Config(lookback_seconds=40.0).lookback_tokens == 2000  # utterance positions: clipped per segment
+    with pytest.raises(ConfigInvalid) as err:
+        S3Config(stream_encoder="cache", stream_positions="window")
+    assert err.value.field == "stream_positions"
+
+
+def test_segments_follow_the_long_audio_rule():
+    c = S3Config()
+    assert (c.first_segment_tokens, c.segment_hop_tokens) == (1400, 1300)
+    assert [c.segment_start(i) for i in (0, 1399, 1400, 2699, 2700)] == [0, 0, 1300, 1300, 2600]
+    assert S3Config(token_rate=25).segment_start(700) == 650
+
+
+def test_config_saved_before_the_window_was_measured_loads_as_it_was():
+    """The first format had window_seconds and no step, encoder or positions."""
+    old = {k: v for k, v in tiny().to_dict().items()
+           if k not in ("step_seconds", "stream_encoder", "stream_positions")}
+    old.update(window_seconds=2.2, lookback_seconds=2.0, lookahead_seconds=0.0)
+    c = S3Config.from_dict(old)
+    assert c == tiny(**LEGACY_STREAMING)
+    with pytest.raises(ConfigInvalid) as err:  # one format or the other, never both
+        S3Config.from_dict({**tiny().to_dict(), "window_seconds": 2.2})
     assert err.value.field == "window_seconds"
-    assert S3Config(window_seconds=2.25, lookback_seconds=2.0, lookahead_seconds=0.05).step_tokens == 10
 
 
 def test_config_dict_round_trip_and_strictness():
@@ -406,18 +436,24 @@ def _push_frames(stream, pcm, frame=320):
     return [stream.push(pcm[i:i + frame]) for i in range(0, len(pcm), frame)]
 
 
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
 @pytest.mark.parametrize("rate", [50, 25])
-def test_stream_gives_token_rate_codes_per_second(rate):
-    t = S3Tokenizer.random(tiny(token_rate=rate), seed=0)
+def test_stream_gives_token_rate_codes_per_second(rate, encoder):
+    t = S3Tokenizer.random(tiny(token_rate=rate, stream_encoder=encoder, lookahead_seconds=0.04), seed=0)
     stream = t.new_stream()
-    x = speechlike(3.0)
+    x = speechlike(3.04)
     counts = np.cumsum([len(c) for c in _push_frames(stream, x)])
-    per_second = counts[49::50]  # after each whole second of 20 ms frames
+    per_second = counts[51::50]  # after each whole second and the 40 ms look-ahead
     assert per_second.tolist() == [rate, 2 * rate, 3 * rate]
-    assert len(stream.flush()) == 0
+    # 20 ms short of that (the look-ahead not all there), the last step is still held.
+    assert counts[50::50].tolist() == [rate - t.config.step_tokens, 2 * rate - t.config.step_tokens,
+                                       3 * rate - t.config.step_tokens]
+    assert len(stream.flush()) == t.config.tokens_for_samples(len(x)) - 3 * rate  # the look-ahead's codes
 
 
-def test_stream_codes_do_not_depend_on_push_sizes(tok):
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
+def test_stream_codes_do_not_depend_on_push_sizes(encoder):
+    tok = S3Tokenizer.random(tiny(stream_encoder=encoder, lookahead_seconds=0.0), seed=0)
     x = speechlike(5.0, seed=4)
     a = np.concatenate(_push_frames(tok.new_stream(), x) + [np.zeros(0, np.int64)])
     rng = np.random.default_rng(0)
@@ -433,8 +469,9 @@ def test_stream_codes_do_not_depend_on_push_sizes(tok):
     assert whole.flush().size == 0
 
 
-def test_stream_flush_completes_the_utterance():
-    t = S3Tokenizer.random(tiny(window_seconds=2.3, lookahead_seconds=0.1), seed=0)
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
+def test_stream_flush_completes_the_utterance(encoder):
+    t = S3Tokenizer.random(tiny(lookahead_seconds=0.1, stream_encoder=encoder), seed=0)
     x = speechlike(2.47)
     stream = t.new_stream()
     live = np.concatenate(_push_frames(stream, x, 480))
@@ -444,34 +481,52 @@ def test_stream_flush_completes_the_utterance():
     assert stream.emitted == 0 and stream.buffered == 0  # flush resets
 
 
-def test_stream_equals_encode_when_utterance_fits_one_step(tok):
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
+def test_stream_equals_encode_when_utterance_fits_one_step(encoder):
+    tok = S3Tokenizer.random(tiny(stream_encoder=encoder), seed=0)
     x = speechlike(0.15)
     stream = tok.new_stream()
     assert stream.push(x).size == 0
     assert np.array_equal(stream.flush(), tok.encode(x))
 
 
-def _local_model(config: S3Config) -> S3Tokenizer:
-    """The random model with attention outputs and positions zeroed: each code then
-    depends only on nearby frames, so a window with enough context must reproduce the
+def _local_model(config: S3Config, zero_positions: bool = False) -> S3Tokenizer:
+    """The random model with attention outputs zeroed: each code then depends only on
+    nearby frames (and its position), so a window with enough context must reproduce the
     whole-utterance codes exactly. Checks the stream's windowing and alignment."""
     t = S3Tokenizer.random(config, seed=3)
     with torch.no_grad():
         for block in t.model.encoder.blocks:
             block.attn.out.weight.zero_()
             block.attn.out.bias.zero_()
-        t.model.encoder.positional_embedding.zero_()
+        if zero_positions:
+            t.model.encoder.positional_embedding.zero_()
     return t
 
 
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
 @pytest.mark.parametrize("rate", [50, 25])
-def test_stream_matches_encode_for_a_local_model(rate):
-    cfg = tiny(token_rate=rate, lookback_seconds=0.08, lookahead_seconds=0.06, window_seconds=0.34)
-    t = _local_model(cfg)
+def test_stream_matches_encode_for_a_local_model(rate, encoder):
+    """Utterance positions: exact, positions and all."""
+    t = _local_model(tiny(token_rate=rate, lookback_seconds=0.08, lookahead_seconds=0.06, stream_encoder=encoder))
     x = speechlike(4.0, seed=5)
     stream = t.new_stream()
     codes = np.concatenate(_push_frames(stream, x) + [stream.flush()])
     assert np.array_equal(codes, t.encode(x))
+
+
+@pytest.mark.parametrize("rate", [50, 25])
+def test_window_positions_match_encode_only_without_positions(rate):
+    """The legacy window positions restart at each window: exact only for an encoder
+    that ignores position, far off for one that does not."""
+    cfg = tiny(**{**LEGACY_STREAMING, "token_rate": rate, "lookback_seconds": 0.08, "lookahead_seconds": 0.06})
+    x = speechlike(4.0, seed=5)
+    agree = []
+    for zero in (True, False):
+        t = _local_model(cfg, zero_positions=zero)
+        stream = t.new_stream()
+        agree.append(np.mean(np.concatenate(_push_frames(stream, x) + [stream.flush()]) == t.encode(x)))
+    assert agree[0] == 1.0 and agree[1] < 0.5
 
 
 def test_stream_agreement_with_encode_full_attention(tok):
@@ -480,9 +535,10 @@ def test_stream_agreement_with_encode_full_attention(tok):
     x = speechlike(6.0, seed=6)
     results = {}
     for name, cfg in {
-        "from_start_no_lookahead": tiny(lookback_seconds=8.0, window_seconds=8.2),
-        "from_start_lookahead_1s": tiny(lookback_seconds=8.0, lookahead_seconds=1.0, window_seconds=9.2),
-        "sliding_2s": tiny(),
+        "from_start_no_lookahead": tiny(lookback_seconds=8.0, lookahead_seconds=0.0, stream_encoder="reencode"),
+        "from_start_lookahead_1s": tiny(lookback_seconds=8.0, lookahead_seconds=1.0, stream_encoder="reencode"),
+        "sliding_2s_legacy": tiny(**LEGACY_STREAMING),
+        "chosen": tiny(),
     }.items():
         t = S3Tokenizer.random(cfg, seed=0)
         stream = t.new_stream()
@@ -495,9 +551,12 @@ def test_stream_agreement_with_encode_full_attention(tok):
     assert results["from_start_no_lookahead"] > 0.4
 
 
-def test_stream_memory_is_bounded_over_a_long_call(tok):
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
+def test_stream_memory_is_bounded_over_a_long_call(encoder):
+    tok = S3Tokenizer.random(tiny(stream_encoder=encoder, lookahead_seconds=0.0), seed=0)
     stream = tok.new_stream()
     buffer = stream._buf
+    cache = getattr(stream, "_keys", None)
     x = speechlike(60.0, seed=7)
     total, peak = 0, 0
     for i in range(0, len(x), 320):
@@ -505,6 +564,8 @@ def test_stream_memory_is_bounded_over_a_long_call(tok):
         peak = max(peak, stream.buffered)
     assert total == 60 * 50
     assert stream._buf is buffer and stream.capacity == round(2.2 * SR) and peak <= stream.capacity
+    if encoder == "cache":  # a fixed ring: 2 layers x 2 s of codes x width
+        assert stream._keys is cache and tuple(cache.shape) == (2, 100, 64)
 
 
 def test_stream_reset_forgets_audio(tok):
@@ -521,9 +582,10 @@ def test_push_rejects_integer_samples(tok):
         tok.new_stream().push(np.zeros(320, np.int16))
 
 
-def test_push_many_equals_pushing_one_by_one():
+@pytest.mark.parametrize("encoder", ["cache", "reencode"])
+def test_push_many_equals_pushing_one_by_one(encoder):
     """Batching many calls' streams gives each exactly the codes it gets alone."""
-    tok = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=64), seed=2)
+    tok = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=64, stream_encoder=encoder), seed=2)
     rng = np.random.default_rng(5)
     audio = [rng.standard_normal(16000 * 2).astype(np.float32) * 0.1 * (i + 1) for i in range(3)]
     solo = []
@@ -541,4 +603,4 @@ def test_push_many_equals_pushing_one_by_one():
         got[2].append(extra)
     for k in range(3):
         assert np.array_equal(np.concatenate(got[k]), solo[k])
-    assert len(solo[0]) == 100
+    assert len(solo[0]) == 100 - tok.config.step_tokens  # the look-ahead holds the last step
