@@ -29,6 +29,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from bridge.sip_message import header_param
+
 from .sip_fuzz import Case, SipFuzzer, Target
 
 __all__ = ["Answer", "parse_answer", "Tally", "UdpFuzzClient", "TcpFuzzClient", "CANARY_HOST", "STATUS_CLASSES",
@@ -86,15 +88,6 @@ def parse_answer(data: bytes) -> Answer | None:
     if len(first) < 3:
         return None
     return Answer(0, first[0].upper(), first[1], headers, vias)
-
-
-def _param(value: str, name: str) -> str | None:
-    tail = value.rsplit(">", 1)[1] if ">" in value else value
-    for part in tail.split(";")[1:]:
-        key, eq, val = part.partition("=")
-        if key.strip().lower() == name:
-            return val.strip() if eq else ""
-    return None
 
 
 def _contact_addr(contact: str) -> tuple[str, int] | None:
@@ -291,7 +284,7 @@ class UdpFuzzClient:
     def match(self, answer: Answer) -> int | None:
         index = self._index_by_key.get(answer.call_id)
         if index is None and answer.vias:
-            index = self._index_by_key.get(_param(answer.vias[0], "branch") or "")
+            index = self._index_by_key.get(header_param(answer.vias[0], "branch") or "")
         return index
 
     def _run(self) -> None:

@@ -14,23 +14,7 @@ import torch
 
 from model.s3_tokenizer import LEGACY_STREAMING, S3Config, S3Tokenizer
 
-from .test_s3_tokenizer import speechlike
-
-SR = 16000
-TINY = dict(width=64, heads=4, layers=2, codebook_size=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**kw) -> S3Config:
-    return S3Config(**{**TINY, **kw})
-
+from .test_s3_tokenizer import SR, _one_thread, speechlike, tiny  # noqa: F401  (_one_thread: an autouse fixture)
 
 def stream_codes(tok: S3Tokenizer, x: np.ndarray, frame: int = 320) -> np.ndarray:
     stream = tok.new_stream()
