@@ -136,7 +136,11 @@ class _OmniFlattenSession(AgentSession):
         self._vocab = model.vocab
         self._layout = model.layout
         self._chunk_samples = int(round(model.config.chunk_seconds * FRAME_RATE))
-        self._buf = np.zeros(self._chunk_samples, dtype=np.float32)
+        # The first chunk after aligning also carries the tokenizer's look-ahead, so that
+        # each chunk's codes are final when it arrives.
+        lead = engine_session.lead_frames(FRAME_SAMPLES / FRAME_RATE) * FRAME_SAMPLES
+        self._buf = np.zeros(self._chunk_samples + lead, dtype=np.float32)
+        self._target = self._chunk_samples  # samples that complete the chunk being filled
         self._fill = 0
         self._aligned = False  # on the engine's clock (from the first frame after start/resume)
         # Chunks handed to the engine, oldest first: (future of its results, chunk end).
@@ -181,14 +185,16 @@ class _OmniFlattenSession(AgentSession):
                 return  # the engine closed the session: the call goes on in silence
             self._fill = pad * FRAME_SAMPLES
             self._buf[:self._fill] = 0.0
+            self._target = len(self._buf)
             self._aligned = True
         n = len(samples)
-        take = min(n, self._chunk_samples - self._fill)
+        take = min(n, self._target - self._fill)
         self._buf[self._fill:self._fill + take] = samples[:take]
         self._fill += take
-        if self._fill < self._chunk_samples:
+        if self._fill < self._target:
             return
-        chunk, self._fill = self._buf.copy(), 0
+        chunk, self._fill = self._buf[:self._target].copy(), 0
+        self._target = self._chunk_samples
         if take < n:
             rest = samples[take:]
             self._buf[:len(rest)] = rest

@@ -56,7 +56,9 @@ class Caller:
         self.engine = engine
         self.session = engine.open_session()
         self.frames_per_chunk = round(engine.period / FRAME)
-        self.buf = np.zeros(self.frames_per_chunk * SAMPLES, np.float32)
+        # The first chunk also carries the tokenizer's look-ahead (as the agent's does).
+        self.buf = np.zeros((self.frames_per_chunk + self.session.lead_frames(FRAME)) * SAMPLES, np.float32)
+        self.target = len(self.buf) // SAMPLES
         self.fill = -1  # not aligned yet
         self.noise = (0.05 * np.random.default_rng(rng.randrange(1 << 30)).standard_normal(
             self.buf.size)).astype(np.float32)
@@ -70,10 +72,11 @@ class Caller:
         i = self.fill
         self.buf[i * SAMPLES:(i + 1) * SAMPLES] = self.noise[i * SAMPLES:(i + 1) * SAMPLES]
         self.fill += 1
-        if self.fill == self.frames_per_chunk:
-            self.fill = 0
+        if self.fill == self.target:
+            chunk = self.buf[:self.target * SAMPLES].copy()
+            self.fill, self.target = 0, self.frames_per_chunk
             sent = time.monotonic()
-            fut = self.session.submit_audio(self.buf.copy())
+            fut = self.session.submit_audio(chunk)
             fut.add_done_callback(lambda f, sent=sent: self._done(f, sent))
             self.futures.append(fut)
 

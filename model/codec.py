@@ -30,6 +30,10 @@ class SpeechTokenizer(ABC):
     sample_rate: int = 16000
     token_rate: int  # codes per second (25 or 50)
     codebook_size: int
+    # Samples a stream waits for past a code's own audio before the code is final (its
+    # look-ahead): a caller's first chunk carries this much more audio, so every later
+    # chunk completes its codes as it arrives (model/engine.py `lead_frames`).
+    lookahead_samples: int = 0
 
     @abstractmethod
     def new_stream(self) -> TokenizerStream: ...

@@ -166,9 +166,16 @@ class EngineSession:
     def align(self, first_frame: float, frame_seconds: float = 0.02) -> int:
         """Put this session on the engine's clock, its audio having started with a frame
         that arrived at `first_frame` (time.monotonic()). Returns how many frames of
-        silence lead its first chunk (then `chunk frames - that` real frames complete it
-        just before a tick). Once per call start, and again after `pause()`."""
+        silence lead its first chunk, which is `lead_frames` longer than a chunk (then
+        `chunk frames + lead - that` real frames complete it just before a tick). Once
+        per call start, and again after `pause()`."""
         return self._engine._align(self, first_frame, frame_seconds)
+
+    def lead_frames(self, frame_seconds: float = 0.02) -> int:
+        """Frames the first chunk of audio carries beyond a chunk: the tokenizer's
+        look-ahead, rounded up to whole frames. With it every chunk's push completes its
+        own codes, so the look-ahead costs a caller one frame, not a chunk period."""
+        return self._engine.lead_frames(frame_seconds)
 
     def pause(self) -> None:
         """Off the clock (hold): the engine stops waiting for this session's chunks."""
@@ -182,9 +189,9 @@ class EngineSession:
         return await self.submit(user_ids)
 
     def submit_audio(self, pcm16k: np.ndarray) -> asyncio.Future:
-        """A chunk of audio (float32 at the tokenizer's rate, one chunk period); the future
-        gives the list of ChunkResults its codes completed (usually one; none while the
-        tokenizer's look-ahead fills)."""
+        """A chunk of audio (float32 at the tokenizer's rate, one chunk period; the first
+        after `align` `lead_frames` longer); the future gives the list of ChunkResults its
+        codes completed (one; none for a first chunk sent without the lead)."""
         return self._engine._submit(self, None, np.asarray(pcm16k, dtype=np.float32))
 
     async def step_audio(self, pcm16k: np.ndarray) -> list[ChunkResult]:
@@ -341,6 +348,13 @@ class Engine(WorkerThread):
         assert self._t0 is not None
         return self._t0 + k * self.period
 
+    def lead_frames(self, frame_seconds: float = 0.02) -> int:
+        """See `EngineSession.lead_frames`."""
+        if self._tokenizer is None:
+            return 0
+        tok = self._tokenizer.tokenizer
+        return math.ceil(tok.lookahead_samples / (frame_seconds * tok.sample_rate) - 1e-9)
+
     def _align(self, handle: EngineSession, first_frame: float, frame_seconds: float) -> int:
         frames = round(self.period / frame_seconds)
         if frames < 1 or abs(frames * frame_seconds - self.period) > 1e-9:
@@ -350,7 +364,7 @@ class Engine(WorkerThread):
             if state is None or handle.closed:
                 raise StaleSession(f"session {handle.id} is closed")
             if not self.clock:
-                return 0
+                return self.lead_frames(frame_seconds)
             others = any(s.on_clock for sid, s in self._sessions.items() if sid != handle.id)
             if self._t0 is None or not others:
                 # The clock's phase is free: a tick right after this session's first full chunk.
@@ -366,7 +380,7 @@ class Engine(WorkerThread):
             state.on_clock = True
             state.next_tick = n
             self._cv.notify_all()
-            return pad
+        return pad + self.lead_frames(frame_seconds)
 
     def _pause(self, sid: int) -> None:
         with self._cv:

@@ -493,6 +493,7 @@ class S3Tokenizer(SpeechTokenizer):
         self.sample_rate = self.config.sample_rate
         self.token_rate = self.config.token_rate
         self.codebook_size = self.config.codebook_size
+        self.lookahead_samples = self.config.lookahead_samples
         c = self.config
         self.front_end = LogMel(c.sample_rate, c.n_fft, c.hop, c.n_mels, self.device)
 

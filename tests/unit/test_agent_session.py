@@ -108,9 +108,12 @@ def test_tiny_model_plays_one_chunk_of_audio_per_user_chunk():
         signal = tone(440, 1.0)  # 5 chunks of 200 ms
         await paced([signal[i:i + 320] for i in range(0, len(signal), 320)], session.feed)
         latencies = lambda: [e for e in events if e[0] == "latency"]
-        await until(lambda: len(latencies()) >= 4, timeout=60)
-        # The tokenizer emits a chunk's codes once its window is complete, so 4 or 5 chunks
-        # are stepped for 1 s; each queues exactly one chunk (200 ms) of audio.
+        # The first chunk carries the tokenizer's 20 ms look-ahead (one frame of leading
+        # silence on an idle engine), so each of the five chunks' codes are final as it
+        # arrives: five steps, not four with the fifth a chunk period behind.
+        assert manager.agent.engine.lead_frames(0.02) == 1
+        await until(lambda: len(latencies()) >= 5, timeout=20)
+        # Each step queues exactly one chunk (200 ms) of audio.
         assert abs(line.depth_ms - 200 * len(latencies())) < 25
         assert all(e[1]["response_ms"] >= 0 for e in latencies())
         assert any(kind == "text" for kind, _ in events)  # three-stream: text tokens
