@@ -11,9 +11,12 @@ Model (what the S3 encoder was trained on, so every step is fixed, not a choice)
 - `log10(max(mel, 1e-10))`, floored at `max - 8.0`, then `(x + 4) / 4`.
 
 The floor uses the maximum over *the input given*. Whole-utterance encoding gives the whole
-utterance; the streaming tokenizer gives its window (look-back + step + look-ahead, whether
-it re-encodes the window or only the new frames), so in streaming "max" is the loudest mel
-bin of the current window. The two differ only where a frame lies more than 8 decades
+utterance; the streaming tokenizer gives its window (look-back + step + look-ahead), so in
+streaming "max" is the loudest mel bin of the current window. A stream that encodes only
+its new frames also computes only their features (`log_power_batch` from a first frame,
+the same values as that part of the whole window's) and keeps each earlier code's loudest
+bin from when it was new (its frames then had the same real context, except a window's
+first frames, which the whole window reflect-pads). The two differ only where a frame lies more than 8 decades
 (80 dB) below the maximum, i.e. in near silence next to loud speech (docs/tokenizer.md:
 measured, not what limits streamed codes).
 
@@ -109,7 +112,7 @@ class LogMel:
         pad_mode = "reflect" if pcm.numel() > self.n_fft // 2 else "constant"
         spec = torch.stft(pcm, self.n_fft, self.hop, window=self.window, center=True,
                           pad_mode=pad_mode, return_complex=True)
-        power = spec[:, :frames].abs().square()  # drops the last frame, as Whisper does
+        power = _power(spec[:, :frames])  # drops the last frame, as Whisper does
         return self.filters @ power
 
     def __call__(self, pcm: torch.Tensor) -> torch.Tensor:
@@ -127,8 +130,30 @@ class LogMel:
         frames = n_frames(pcm.shape[1], self.hop)
         if frames == 0 or pcm.shape[1] <= self.n_fft // 2:
             return torch.stack([self(row) for row in pcm]) if len(pcm) else pcm.new_zeros(0, self.n_mels, frames)
-        spec = torch.stft(pcm, self.n_fft, self.hop, window=self.window, center=True,
-                          pad_mode="reflect", return_complex=True)
-        log = (self.filters @ spec[..., :frames].abs().square()).clamp_min(LOG_FLOOR).log10()
-        peak = log.amax(dim=(1, 2), keepdim=True)
-        return (torch.maximum(log, peak - DYNAMIC_RANGE) + 4.0) / 4.0
+        log = self.log_power_batch(pcm)
+        return self.normalise(log, log.amax(dim=(1, 2)))
+
+    def log_power_batch(self, pcm: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+        """`(B, n)` windows (n > n_fft / 2) -> `log10(max(mel, 1e-10))` of frames
+        `[first_frame, n // hop)`, before the floor: the values those frames have in the
+        whole window's features, at the STFT cost of those frames alone."""
+        pcm = pcm.to(self.device, torch.float32)
+        frames = n_frames(pcm.shape[1], self.hop) - first_frame
+        half = self.n_fft // 2
+        # stft(center=True) reflect-pads the whole window; pad it the same way, then
+        # transform only from the first wanted frame's start.
+        padded = torch.nn.functional.pad(pcm[:, None], (half, half), mode="reflect")[:, 0]
+        spec = torch.stft(padded[:, first_frame * self.hop:], self.n_fft, self.hop, window=self.window,
+                          center=False, return_complex=True)
+        return (self.filters @ _power(spec[..., :frames])).clamp_min(LOG_FLOOR).log10()
+
+    @staticmethod
+    def normalise(log: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """`(B, n_mels, frames)` log power, `(B,)` loudest bin of each row's window -> the
+        encoder's features: floored `DYNAMIC_RANGE` below the peak, scaled as Whisper."""
+        return (torch.maximum(log, peak[:, None, None] - DYNAMIC_RANGE) + 4.0) / 4.0
+
+
+def _power(spec: torch.Tensor) -> torch.Tensor:
+    """|spec|² as re² + im²: abs().square() without its square root (3.5x faster)."""
+    return spec.real.square() + spec.imag.square()

@@ -8,9 +8,10 @@ the step's audio. The encoder sees `[i*S*H - lookback, (i+1)*S*H + lookahead)`:
 
 - `stream_encoder="reencode"`: the whole window, every step (compute: window / step times
   the audio);
-- `stream_encoder="cache"`: only the step's frames and the look-ahead's, attending to the
-  keys and values each earlier frame had at every layer when it was new, kept for
-  `lookback` codes in a ring (compute: about (step + look-ahead) / step times the audio).
+- `stream_encoder="cache"`: only the step's frames and the look-ahead's (their features
+  too), attending to the keys and values each earlier frame had at every layer when it was
+  new, kept for `lookback` codes in a ring with each code's loudest mel bin for the
+  features' floor (compute: about (step + look-ahead) / step times the audio).
   The look-ahead frames are provisional: they are encoded again, as the next step's
   frames. The first step, and the first step of each long-audio segment (see below),
   encodes its whole window and fills the cache from it.
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from .codec import TokenizerStream
+from .s3_frontend import n_frames
 
 if TYPE_CHECKING:
     from .s3_tokenizer import S3Tokenizer
@@ -64,6 +66,15 @@ class _Step(NamedTuple):
     take: int
     count: int
     full: bool
+
+
+class _Kept(NamedTuple):
+    """What a cached stream keeps of a step, per code up to the step's end: each layer's
+    keys and values `(layers, n, width)`, and the loudest log-mel bin `(n,)`."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    peaks: torch.Tensor
 
 
 class S3TokenizerStream(TokenizerStream):
@@ -89,6 +100,7 @@ class S3TokenizerStream(TokenizerStream):
             shape = (c.layers, self._ring, c.width)
             self._keys = torch.zeros(shape, device=tokenizer.device, dtype=tokenizer.dtype)
             self._values = torch.zeros(shape, device=tokenizer.device, dtype=tokenizer.dtype)
+            self._peaks = torch.zeros(self._ring, device=tokenizer.device)  # loudest log-mel bin per code
         self.reset()
 
     @property
@@ -169,14 +181,15 @@ class S3TokenizerStream(TokenizerStream):
         full = not self._cached or segment != self._segment
         return _Step(window, position, self._emitted - first, count, full)
 
-    def _commit(self, keys: torch.Tensor | None, values: torch.Tensor | None, full: bool) -> None:
-        """Keep the step's keys and values (cached streams: `(layers, n, width)` of codes
-        up to the step's end) and slide the buffer by one step."""
+    def _commit(self, kept: _Kept | None, full: bool) -> None:
+        """Keep the step's keys, values and peaks (cached streams: codes up to the step's
+        end) and slide the buffer by one step."""
         if self._cached:
+            assert kept is not None
             if full:  # (a cached stream always has utterance positions)
                 self._segment = self._config.segment_start(self._emitted)
                 self._filled = self._head = 0
-            self._remember(keys, values)
+            self._remember(kept)
         self._emitted += self._step
         new_start = max(0, self._emitted * self._per_token - self._history)
         shift = new_start - self._start
@@ -186,15 +199,16 @@ class S3TokenizerStream(TokenizerStream):
             self._n -= shift
             self._start = new_start
 
-    def _remember(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _remember(self, kept: _Kept) -> None:
         ring = self._ring
         if ring == 0:
             return
-        keys, values = keys[:, -ring:], values[:, -ring:]
+        keys, values, peaks = kept.keys[:, -ring:], kept.values[:, -ring:], kept.peaks[-ring:]
         n = keys.shape[1]
         rows = (self._head + torch.arange(n, device=keys.device)) % ring
         self._keys[:, rows] = keys
         self._values[:, rows] = values
+        self._peaks[rows] = peaks
         self._head = (self._head + n) % ring
         self._filled = min(ring, self._filled + n)
 
@@ -227,60 +241,68 @@ def run_steps(tokenizer: S3Tokenizer, streams: list[S3TokenizerStream], plans: l
         groups.setdefault((streams[i]._cached, len(p.window), p.take, p.count, p.full), []).append(i)
     for rows in groups.values():
         group = [streams[i] for i in rows]
-        codes, keys, values = _encode(tokenizer, group, [plans[i] for i in rows])
+        codes, kept = _encode(tokenizer, group, [plans[i] for i in rows])
         for j, i in enumerate(rows):
             out[i] = codes[j]
             if commit:
-                group[j]._commit(keys[j] if keys is not None else None,
-                                 values[j] if values is not None else None, plans[i].full)
+                group[j]._commit(_Kept(kept.keys[j], kept.values[j], kept.peaks[j]) if kept else None,
+                                 plans[i].full)
     return out
 
 
 def _encode(tok: S3Tokenizer, streams: list[S3TokenizerStream],
-            plans: list[_Step]) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+            plans: list[_Step]) -> tuple[np.ndarray, _Kept | None]:
     """One batched pass over equal-shaped plans: codes (B, count), and for cached streams
-    the keys and values (B, layers, n, width) of the codes they should remember."""
+    what they should keep of it (batched: keys and values (B, layers, n, width), peaks
+    (B, n))."""
     p0 = plans[0]
     take, count = p0.take, p0.count
     model = tok.model
     encoder = model.encoder
-    mel = tok.front_end.batch(torch.from_numpy(np.stack([p.window for p in plans])))
-    n_codes = tok.config.tokens_for_samples(len(p0.window))
-    if mel.shape[2] == 0 or n_codes <= take:
-        return np.zeros((len(plans), 0), dtype=np.int64), None, None
-    mel = mel.to(tok.device, tok.dtype)
+    c = tok.config
+    windows = torch.from_numpy(np.stack([p.window for p in plans]))
+    n_codes = c.tokens_for_samples(len(p0.window))
+    if n_frames(len(p0.window), c.hop) == 0 or n_codes <= take:
+        return np.zeros((len(plans), 0), dtype=np.int64), None
     positions = torch.tensor([p.position for p in plans], device=tok.device)
-    if not streams[0]._cached:
+    if not streams[0]._cached or len(p0.window) <= c.n_fft // 2:
+        mel = tok.front_end.batch(windows).to(tok.device, tok.dtype)
         lengths = torch.full((len(plans),), mel.shape[2], device=tok.device)
         first = positions if bool(positions.any()) else None
         hidden, _ = encoder(mel, lengths, first)
-        return _numpy(model.quantizer(hidden[:, take:take + count])), None, None
-    c = tok.config
-    if p0.full:
-        start = 0
-    else:  # only the new frames, after enough mel for the convolutions' left context
-        start = max(0, take - _CONV_CONTEXT_CODES)
-        mel = mel[:, :, start * 2 * c.stride:]
-    lengths = torch.full((len(plans),), mel.shape[2], device=tok.device)
-    x, _ = encoder.features(mel, lengths)
-    skip = 0 if p0.full else take - start
-    x = x[:, skip:]
-    x = x + encoder.positions(x.shape[1], positions + (start + skip)).to(x.dtype)
+        return _numpy(model.quantizer(hidden[:, take:take + count])), None
+    per_code = 2 * c.stride  # mel frames per code
+    # Only the new frames (after enough for the convolutions' left context) are encoded,
+    # and only their features computed; the floor's peak also counts the look-back's codes.
+    start = 0 if p0.full else max(0, take - _CONV_CONTEXT_CODES)
+    log = tok.front_end.log_power_batch(windows, start * per_code)
+    peak = log.amax(dim=(1, 2))
     if p0.full:
         b, width = len(plans), c.width
-        past_k = past_v = x.new_zeros(b, c.layers, 0, width)
+        past_k = past_v = log.new_zeros(b, c.layers, 0, width, dtype=tok.dtype)
         keep = torch.zeros(b, 0, dtype=torch.bool, device=tok.device)
     else:
         past_k = torch.stack([s._keys for s in streams])
         past_v = torch.stack([s._values for s in streams])
         ring = torch.arange(past_k.shape[2], device=tok.device)
         keep = ring[None, :] < torch.tensor([s._filled for s in streams], device=tok.device)[:, None]
+        past_peaks = torch.stack([s._peaks for s in streams]).masked_fill(~keep, -torch.inf)
+        if past_peaks.shape[1]:
+            peak = torch.maximum(peak, past_peaks.amax(dim=1))
+    mel = tok.front_end.normalise(log, peak).to(tok.device, tok.dtype)
+    tail_codes = log.shape[2] // per_code
+    peaks = log[..., :tail_codes * per_code].reshape(len(plans), c.n_mels, tail_codes, per_code).amax(dim=(1, 3))
+    lengths = torch.full((len(plans),), mel.shape[2], device=tok.device)
+    x, _ = encoder.features(mel, lengths)
+    skip = 0 if p0.full else take - start
+    x = x[:, skip:]
+    x = x + encoder.positions(x.shape[1], positions + (start + skip)).to(x.dtype)
     hidden, keys, values = encoder.forward_cached(x, past_k, past_v, keep)
     first = take if p0.full else 0
     codes = model.quantizer(hidden[:, first:first + count])
-    # Remember the frames up to the step's end (never the provisional look-ahead).
+    # Keep the codes up to the step's end (never the provisional look-ahead).
     end = first + min(count, streams[0]._step)
-    return _numpy(codes), keys[:, :, :end], values[:, :, :end]
+    return _numpy(codes), _Kept(keys[:, :, :end], values[:, :, :end], peaks[:, skip:skip + end])
 
 
 def _numpy(codes: torch.Tensor) -> np.ndarray:

@@ -78,6 +78,33 @@ def test_utterance_positions_are_exact_across_long_audio_segments(rate, lookback
     assert np.mean(stream_codes(legacy, x) == t.encode(x)) < 0.2
 
 
+def test_features_of_new_frames_alone_equal_the_whole_windows():
+    """A cached stream computes only its new frames' log-mel: the same values as those
+    frames have in the whole window (the STFT reflect-pads the window, not the tail)."""
+    tok = S3Tokenizer.random(tiny(), seed=0)
+    x = torch.from_numpy(np.stack([speechlike(2.22, seed=s) for s in (1, 2)]))
+    whole = tok.front_end.log_power_batch(x)
+    for first in (0, 1, 37, 180, whole.shape[2] - 1):
+        torch.testing.assert_close(tok.front_end.log_power_batch(x, first), whole[..., first:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [50, 25])
+def test_the_floor_counts_the_look_backs_peak(rate):
+    """A loud ramp ending at 0.9 s, then 1.8 s of near-silence 10 decades below it: from
+    the ramp's end every window holds its loudest frame, so the floor binds at the same
+    level as `encode`'s (the utterance's maximum; before that a stream cannot know what
+    is coming). A cached stream computes only its new frames' features, so the look-back's
+    loudness must come from the peaks it kept; ignoring them floors the quiet codes
+    8 decades below the quiet instead."""
+    cfg = tiny(token_rate=rate, codebook_size=1024, lookback_seconds=2.0, lookahead_seconds=0.02)
+    t = _local(cfg)
+    quiet = lambda seconds, seed: 1e-6 * np.random.default_rng(seed).standard_normal(int(seconds * SR))
+    ramp = np.linspace(0, 0.5, int(0.6 * SR)) * np.sin(2 * np.pi * 440 * np.arange(int(0.6 * SR)) / SR)
+    x = np.concatenate([quiet(0.3, 1), ramp, quiet(1.8, 2)]).astype(np.float32)
+    after = int(0.9 * rate)
+    assert np.array_equal(stream_codes(t, x)[after:], t.encode(x)[after:])
+
+
 def _per_step_reference(tok: S3Tokenizer, x: np.ndarray) -> np.ndarray:
     """The cached encoder as a plain loop, independent of the stream's code (buffer,
     ring, batching). Per step: the log-mel of the window (look-back, at least the two
