@@ -84,7 +84,10 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
     """`details`, when given, adds the transport legs' state to /readyz (informational: a
     registration that is down does not make the bridge unready for direct calls)."""
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # Rendering every metric takes tens of milliseconds; on the event loop it stalled
+        # every live call's audio at each scrape (measured: 60-80 ms, all calls at once).
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -45,8 +45,9 @@ def test_eight_calls_at_random_moments_step_together_and_stay_on_time(workdir):
                 call_ids.append(event["id"])
             eventually(lambda: batch_stats(bridge)[2] == CALLS, timeout=10, what="all calls active")
 
-            # The steady state: every call joined the clock; none has ended yet. Scraped twice
-            # only (a scrape renders every metric on the event loop, as Prometheus's would).
+            # The steady state: every call joined the clock; none has ended yet. Scraped twice,
+            # mid-call, as Prometheus would (a scrape rendered on the event loop once stalled
+            # every call for 60-80 ms: 3-8 late frames each).
             eventually(lambda: time.monotonic() > t0 + 3.0, timeout=10, what="the steady state")
             first = batch_stats(bridge)
             eventually(lambda: time.monotonic() > t0 + 7.0, timeout=10, what="four more seconds of calls")
@@ -70,10 +71,8 @@ def test_eight_calls_at_random_moments_step_together_and_stay_on_time(workdir):
     assert steps >= 5 and mean >= 0.85 * CALLS, summary
     for record in records:
         assert record["frames_in"] > 300, record
-        # The goal is under 1% on an idle machine (0-3 late of ~500 measured); a loaded
-        # 2-core machine gives 1-1.6%. The bound catches a clock that has fallen apart
-        # (96-99% late before the engine clock), not the machine's neighbours.
-        assert record["frames_late"] / record["frames_in"] < 0.03, summary
+        # Under 1% (0-1 late of ~500 measured; 96-99% before the engine clock).
+        assert record["frames_late"] / record["frames_in"] < 0.01, summary
     assert metric_value(text, "duplexline_sip_invites_total", 'outcome="answered"') == CALLS
     assert metric_value(text, "duplexline_sip_invites_total", 'outcome="486"') == 0
     assert metric_value(text, "duplexline_engine_rows_computed_total") == \
