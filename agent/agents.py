@@ -4,10 +4,12 @@
 - `omniflatten`: the full-duplex model. Caller frames are cut into chunks of the model's
   chunk period, aligned once, when the audio starts, to the engine's clock (the first
   chunk is led by silence so that every chunk completes just before an engine tick, with
-  every other call's), handed to the shared engine, which tokenizes (S3) and steps every
-  call's chunk of one tick as one batch on its thread and device, and the assistant's
-  speech codes decoded on a small thread pool and played: the event loop only moves
-  buffers. Caller frames lost upstream (a stall the transport skipped) are replaced by
+  every other call's), handed to the shared engine through a `VoiceEngine` (model/voice.py:
+  in this process, or on a worker over the network), which tokenizes (S3) and steps every
+  call's chunk of one tick as one batch and decodes the assistant's speech; the audio is
+  played as it comes back: the event loop only moves buffers. When a remote engine's
+  worker is lost the session moves to another (`rehomed`: it aligns afresh) or, with no
+  room anywhere, the call ends (`worker-lost`). Caller frames lost upstream (a stall the transport skipped) are replaced by
   silence (`lost`), so the chunks stay on the engine's clock.
 
 Barge-in: the model has no interruption token; it stops talking. When a chunk starts with
@@ -25,18 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import gc
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Awaitable, Callable
 
 import numpy as np
 
-from model.codec import SpeechDecoder, SpeechTokenizer
-from model.engine import Engine, EngineSession
 from model.errors import EngineFull, StaleSession as EngineStale
+from model.voice import Rehomed, VoiceEngine, VoiceSession
 
 from .call import FRAME_RATE, FRAME_SAMPLES, AudioSink, CallInfo, CallRefused
 from .metrics import AgentMetrics
@@ -46,6 +46,7 @@ __all__ = ["Agent", "AgentSession", "EchoAgent", "OmniFlattenAgent", "Emit"]
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict], None]  # (event kind, data): to the transport and the store
+Hangup = Callable[[str], Awaitable[None]]  # (reason): end the call from our side
 
 # A caller frame whose peak passes this (-30 dBFS) holds speech; line noise and comfort
 # noise stay well below. Cheap enough for every frame; the model itself needs no VAD.
@@ -55,6 +56,8 @@ _MAX_PENDING = 3  # chunks whose results the session has not taken up yet
 
 class AgentSession(ABC):
     """One call's conversation partner. Methods run on the event loop and never block."""
+
+    worker: str | None = None  # the engine worker it runs on, when not this process
 
     @abstractmethod
     def feed(self, frame: np.ndarray) -> None:
@@ -93,8 +96,9 @@ class Agent(ABC):
         return {"agent": self.name}
 
     @abstractmethod
-    def open(self, info: CallInfo, sink: AudioSink, emit: Emit) -> AgentSession:
-        """Admit a call or raise CallRefused at once, before it is answered."""
+    async def open(self, info: CallInfo, sink: AudioSink, emit: Emit, hangup: Hangup) -> AgentSession:
+        """Admit a call or raise CallRefused, before it is answered. `hangup(reason)`
+        ends the call from the agent's side (its engine is gone for good)."""
 
 
 class _EchoSession(AgentSession):
@@ -118,31 +122,29 @@ class _EchoSession(AgentSession):
 class EchoAgent(Agent):
     name = "echo"
 
-    def open(self, info: CallInfo, sink: AudioSink, emit: Emit) -> AgentSession:
+    async def open(self, info: CallInfo, sink: AudioSink, emit: Emit, hangup: Hangup) -> AgentSession:
         return _EchoSession(sink)
 
 
 class _OmniFlattenSession(AgentSession):
-    def __init__(self, agent: "OmniFlattenAgent", engine_session: EngineSession, sink: AudioSink,
-                 emit: Emit, transport: str) -> None:
+    def __init__(self, agent: "OmniFlattenAgent", voice: VoiceSession, sink: AudioSink,
+                 emit: Emit, hangup: Hangup, transport: str) -> None:
         self._agent = agent
         self._first_audio = agent.metrics.first_audio.labels(transport=transport)
         self._caller_spoke_at: float | None = None  # the caller's latest speech frame; None once answered
-        self._engine_session = engine_session
+        self._voice = voice
         self._sink = sink
         self._emit = emit
-        self._dec = agent.decoder.new_stream()
-        model = agent.engine.model
-        self._vocab = model.vocab
-        self._layout = model.layout
-        self._chunk_samples = int(round(model.config.chunk_seconds * FRAME_RATE))
+        self._hangup = hangup
+        self._chunk_samples = int(round(voice.chunk_seconds * FRAME_RATE))
         # The first chunk after aligning also carries the tokenizer's look-ahead, so that
         # each chunk's codes are final when it arrives.
-        lead = engine_session.lead_frames(FRAME_SAMPLES / FRAME_RATE) * FRAME_SAMPLES
+        lead = voice.lead_frames(FRAME_SAMPLES / FRAME_RATE) * FRAME_SAMPLES
         self._buf = np.zeros(self._chunk_samples + lead, dtype=np.float32)
         self._target = self._chunk_samples  # samples that complete the chunk being filled
         self._fill = 0
         self._aligned = False  # on the engine's clock (from the first frame after start/resume)
+        self._aligning: list[np.ndarray] | None = None  # frames held while a remote engine aligns
         # Chunks handed to the engine, oldest first: (future of its results, chunk end).
         self._pending: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
         self._wake = asyncio.Event()
@@ -150,6 +152,8 @@ class _OmniFlattenSession(AgentSession):
         self._speaking = False
         self._last_code_speech = False
         self._closed = False
+        voice.on_rehome = self._rehomed
+        voice.on_lost = self._lost_engine
         self._task = asyncio.get_running_loop().create_task(self._run(), name="omniflatten-session")
 
     def feed(self, frame: np.ndarray) -> None:
@@ -167,26 +171,57 @@ class _OmniFlattenSession(AgentSession):
         if self._hold or self._closed or not self._aligned or frames <= 0:
             return
         if frames * FRAME_SAMPLES > 2 * self._chunk_samples:
-            self._engine_session.pause()
-            self._aligned = False
-            self._fill = 0
+            self._voice.pause()
+            self._unalign()
             return
         silence = np.zeros(FRAME_SAMPLES, np.float32)
         for _ in range(frames):
             self._push(silence)
 
+    @property
+    def worker(self) -> str | None:  # type: ignore[override]
+        return getattr(self._voice, "worker", None)
+
+    def _unalign(self) -> None:
+        self._aligned = False
+        self._aligning = None
+        self._fill = 0
+
     def _push(self, samples: np.ndarray) -> None:
+        if self._aligning is not None:
+            self._aligning.append(samples)  # the engine's answer is on its way
+            return
         if not self._aligned:
             # The first chunk: leading silence so that it, and every chunk after it,
             # completes just before one of the engine's ticks.
             try:
-                pad = self._engine_session.align(time.monotonic(), FRAME_SAMPLES / FRAME_RATE)
+                pad = self._voice.align(time.monotonic(), FRAME_SAMPLES / FRAME_RATE)
             except EngineStale:
                 return  # the engine closed the session: the call goes on in silence
-            self._fill = pad * FRAME_SAMPLES
-            self._buf[:self._fill] = 0.0
-            self._target = len(self._buf)
-            self._aligned = True
+            if isinstance(pad, asyncio.Future):
+                held = self._aligning = [samples]
+                pad.add_done_callback(lambda f: self._aligned_at(f, held))
+                return
+            self._start_chunk(pad)
+        self._add(samples)
+
+    def _aligned_at(self, fut: asyncio.Future, held: list[np.ndarray]) -> None:
+        if self._aligning is not held or self._closed:
+            return  # unaligned again (hold, re-home) meanwhile
+        self._aligning = None
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the next frame aligns again
+        self._start_chunk(fut.result())
+        for samples in held:
+            self._add(samples)
+
+    def _start_chunk(self, pad: int) -> None:
+        self._fill = pad * FRAME_SAMPLES
+        self._buf[:self._fill] = 0.0
+        self._target = len(self._buf)
+        self._aligned = True
+
+    def _add(self, samples: np.ndarray) -> None:
         n = len(samples)
         take = min(n, self._target - self._fill)
         self._buf[self._fill:self._fill + take] = samples[:take]
@@ -200,7 +235,7 @@ class _OmniFlattenSession(AgentSession):
             self._buf[:len(rest)] = rest
             self._fill = len(rest)
         try:
-            fut = self._engine_session.submit_audio(chunk)
+            fut = self._voice.submit_audio(chunk)
         except EngineStale:
             return
         if len(self._pending) >= _MAX_PENDING:  # results not taken up: drop the oldest
@@ -214,13 +249,21 @@ class _OmniFlattenSession(AgentSession):
         self._hold = on
         self._fill = 0
         if on:
-            self._engine_session.pause()
-            self._aligned = False
+            self._voice.pause()
+            self._unalign()
             self._sink.flush()
 
+    def _rehomed(self, reason: str) -> None:
+        """Another engine took the session over: join its clock with the next frame."""
+        self._unalign()
+        self._agent.metrics.rehomes.labels(reason=reason).inc()
+        self._emit("rehomed", {"reason": reason, "worker": self.worker})
+
+    def _lost_engine(self, reason: str) -> None:
+        if not self._closed:
+            asyncio.get_running_loop().create_task(self._hangup(reason))
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        pool = self._agent.pool
         m = self._agent.metrics
         try:
             while True:
@@ -234,14 +277,14 @@ class _OmniFlattenSession(AgentSession):
                     if fut.cancelled() and not self._closed:
                         continue  # dropped as backlog
                     raise
+                except Rehomed:
+                    continue  # its engine is gone; the new one starts with the next chunk
                 finally:
                     if self._pending and self._pending[0][0] is fut:
                         self._pending.popleft()
                 m.chunk_step.observe(time.monotonic() - t_end)
                 for result in results:
-                    speech = np.asarray(result.speech_codes, dtype=np.int64)
-                    pcm = await loop.run_in_executor(pool, self._dec.push, speech)
-                    self._play(result, speech, pcm, t_end)
+                    self._play(result, np.asarray(result.speech_codes, dtype=np.int64), result.pcm, t_end)
         except (asyncio.CancelledError, EngineStale):
             return
         except Exception:
@@ -261,7 +304,7 @@ class _OmniFlattenSession(AgentSession):
             m.bargeins.inc()
             self._emit("barge-in", {"flushed_ms": round(dropped, 1)})
         queued_ahead = self._sink.depth_ms / 1000.0
-        self._sink.play(pcm, self._agent.decoder.sample_rate)
+        self._sink.play(pcm, self._voice.decoder_rate)
         now = time.monotonic()
         response = now - t_end
         m.response.observe(response)
@@ -272,7 +315,7 @@ class _OmniFlattenSession(AgentSession):
         if speaking and not self._speaking and self._caller_spoke_at is not None:
             # The reply starts once the audio queued ahead of it has played, at its first
             # speech code within this chunk.
-            lead = int(np.argmax(is_speech)) / len(speech) * len(pcm) / self._agent.decoder.sample_rate
+            lead = int(np.argmax(is_speech)) / len(speech) * len(pcm) / self._voice.decoder_rate
             first_audio = max(0.0, now + queued_ahead + lead - self._caller_spoke_at)
             self._first_audio.observe(first_audio)
             first_audio_ms = round(first_audio * 1000, 1)
@@ -281,7 +324,7 @@ class _OmniFlattenSession(AgentSession):
             self._speaking = speaking
             self._emit("turn", {"assistant": "speaking" if speaking else "listening"})
         self._last_code_speech = len(speech) > 0 and bool(is_speech[-1])
-        text = [t for t in result.text_ids if t != self._vocab.silent_text]
+        text = [t for t in result.text_ids if t != self._voice.silent_text]
         if text:
             self._emit("text", {"ids": text, "text": self._agent.detokenize(text)})
         latency = {"response_ms": round(response * 1000, 1), "dropped": bool(result.dropped)}
@@ -300,7 +343,7 @@ class _OmniFlattenSession(AgentSession):
         for fut, _ in self._pending:
             fut.cancel()
         self._pending.clear()
-        self._engine_session.close()
+        self._voice.close()
         try:
             await self._task
         except asyncio.CancelledError:
@@ -310,24 +353,14 @@ class _OmniFlattenSession(AgentSession):
 class OmniFlattenAgent(Agent):
     name = "omniflatten"
 
-    def __init__(self, engine: Engine, tokenizer: SpeechTokenizer, decoder: SpeechDecoder,
-                 metrics: AgentMetrics, *, detokenize: Callable[[list[int]], str] | None = None,
-                 threads: int = 2) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.decoder = decoder
+    def __init__(self, voice: VoiceEngine, metrics: AgentMetrics, *,
+                 detokenize: Callable[[list[int]], str] | None = None) -> None:
+        self.voice = voice
         self.metrics = metrics
         self.detokenize = detokenize or (lambda ids: "".join(f"⟨{i}⟩" for i in ids))
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="duplexline-codec")
-        if engine.tokenizer is None:
-            engine.attach_tokenizer(tokenizer)  # the engine tokenizes every tick's audio as one batch
-        elif engine.tokenizer is not tokenizer:
-            raise ValueError("the engine already has another speech tokenizer")
 
     async def start(self) -> None:
-        # The engine warms up at start (measuring its tick at several batch sizes, so that
-        # admission has data before the first call): off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.start)
+        await self.voice.start()
         # Then the start-up heap (torch, transformers, the model: ~400k objects) leaves the
         # garbage collector's view. A full collection walks every tracked object holding
         # the GIL; measured here, one during eight live calls stalled the whole process for
@@ -337,22 +370,23 @@ class OmniFlattenAgent(Agent):
         gc.freeze()
 
     async def close(self) -> None:
-        self.engine.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        await self.voice.close()
 
     def drain(self) -> None:
-        self.engine.drain()
+        self.voice.drain()
+
+    @property
+    def ready(self) -> bool:
+        return self.voice.ready
 
     def describe(self) -> dict:
-        stats = self.engine.stats()
-        return {"agent": self.name, "slots": stats.slots, "sessions": stats.open_sessions,
-                "device": str(self.engine.model.device)}
+        return {"agent": self.name, **self.voice.describe()}
 
-    def open(self, info: CallInfo, sink: AudioSink, emit: Emit) -> AgentSession:
+    async def open(self, info: CallInfo, sink: AudioSink, emit: Emit, hangup: Hangup) -> AgentSession:
         try:
-            engine_session = self.engine.open_session()
+            voice = await self.voice.open_session()
         except EngineFull as exc:
             if exc.reason == "draining":
                 raise CallRefused(503, "Service Unavailable (draining)", retry_after=30) from None
             raise CallRefused(486, f"Busy Here ({exc.reason})") from None
-        return _OmniFlattenSession(self, engine_session, sink, emit, str(info.transport))
+        return _OmniFlattenSession(self, voice, sink, emit, hangup, str(info.transport))

@@ -95,14 +95,15 @@ class CallManager:
             raise CallRefused(482, "Loop Detected (duplicate call id)")
         session = CallSession(info, self.store, self.metrics, self._ended)
         try:
-            session.attach(self.agent.open(info, sink, session.emit))
+            agent_session = await self.agent.open(info, sink, session.emit, session.request_hangup)
+            session.attach(agent_session)
         except CallRefused as exc:
             self.metrics.calls.labels(transport=transport, outcome=f"refused_{exc.status}").inc()
             log.info("call %s from %s refused: %s", info.call_id, info.remote, exc)
             raise
         try:
             await self.store.put(CallRecord.new(info.call_id, info.transport, info.remote,
-                                                bridge=self.bridge_id, worker=self.worker_id))
+                                                bridge=self.bridge_id, worker=agent_session.worker or self.worker_id))
         except DuplicateCall:
             await session._agent.close()  # type: ignore[union-attr]
             raise CallRefused(482, "Loop Detected (call id already live)") from None

@@ -56,6 +56,9 @@ class AgentMetrics:
         self.dtmf = Counter("duplexline_agent_dtmf_digits_total", "DTMF digits received", **kw)
         self.session_errors = Counter("duplexline_agent_session_errors_total",
                                       "Sessions ended by an internal error", ["stage"], **kw)
+        self.rehomes = Counter("duplexline_agent_rehomes_total",
+                               "Sessions moved to another engine worker mid-call, by reason "
+                               "(worker-lost, heartbeat, draining)", ["reason"], **kw)
         self._registry = registry
         self._store_collector: _StoreCollector | None = None
         for t in TRANSPORTS:  # every series exists from the start: dashboards show 0, not "no data"

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 FRAME_SECONDS = 0.02
 CONFIRM_FRAMES = 3  # late frames at a steady offset that show the frames before them were lost
-STORED_EVENTS = frozenset({"turn", "barge-in", "dtmf", "hold", "resume", "error", "hangup-requested"})
+STORED_EVENTS = frozenset({"turn", "barge-in", "dtmf", "hold", "resume", "error", "hangup-requested",
+                           "rehomed"})
 
 EventListener = Callable[[str, dict], None]
 HangupHandler = Callable[[str], Awaitable[None]]

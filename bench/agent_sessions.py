@@ -39,11 +39,13 @@ def build(kind: str, slots: int):
     from model.decoder_standin import StandInToneDecoder
     from model.engine import Engine
     from model.s3_tokenizer import S3Config, S3Tokenizer
+    from model.voice import LocalVoiceEngine
 
     cfg = tiny_config()
     engine = Engine(build_model(cfg), slots, registry=registry)
     tok = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=4096), seed=0)
-    return CallManager(OmniFlattenAgent(engine, tok, StandInToneDecoder(), metrics), MemoryStore(), metrics)
+    voice = LocalVoiceEngine(engine, tok, StandInToneDecoder())
+    return CallManager(OmniFlattenAgent(voice, metrics), MemoryStore(), metrics)
 
 
 async def run(kind: str, sessions: int, seconds: float) -> list[float]:

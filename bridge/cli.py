@@ -1,6 +1,6 @@
 """The `duplexline` command: the composition root, the only place that reads the
-environment. Subcommands: `serve` (the bridge), `dial` (place a call through a running
-bridge), `model init` (write a tiny model)."""
+environment. Subcommands: `serve` (the bridge), `worker` (an engine worker for bridges'
+calls), `dial` (place a call through a running bridge), `model init` (write a tiny model)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from .errors import ConfigError
 from .settings import add_serve_arguments, settings_from
 from .sip_dial_cli import add_dial_parser
+from .worker_cli import add_worker_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 
+    add_worker_parser(sub)
     add_dial_parser(sub)
 
     model = sub.add_parser("model", help="model files: write a tiny model for demos and tests")

@@ -1,7 +1,9 @@
 """Building the agent the settings ask for (the composition root's one model-facing part).
 
-`omniflatten` loads the model folder given by --model, or, with none, builds a tiny random
-model at start-up and says loudly that it is untrained. `echo` needs nothing.
+`omniflatten` with `--engine local` loads the model folder given by --model, or, with
+none, builds a tiny random model at start-up and says loudly that it is untrained; with a
+remote engine it loads nothing and places each call on an engine worker (the worker
+command builds its engine here too). `echo` needs nothing.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ def _device(choice: str) -> str:
     return choice
 
 
-def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentMetrics) -> Agent:
-    """Raises CheckpointError/ConfigInvalid (model files), ConfigError (device, model folder)."""
-    if settings.agent == "echo":
-        return EchoAgent()
+def build_voice_engine(settings: Settings, registry: CollectorRegistry):
+    """The model, its tokenizer and decoder, and the engine in this process (serve with
+    --engine local, and the worker). Raises CheckpointError/ConfigInvalid (model files),
+    ConfigError (device, model folder)."""
     from model.checkpoint import build_model, load_model, serving_dtype, tiny_config
     from model.decoder_standin import StandInToneDecoder
     from model.engine import Engine
     from model.s3_tokenizer import S3Config, S3Tokenizer
+    from model.voice import LocalVoiceEngine
 
     device = _device(settings.device)
     if settings.model is not None:
@@ -60,4 +63,22 @@ def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentM
         log.warning("no --model given: using a TINY RANDOM, UNTRAINED OmniFlatten model; callers "
                     "will hear stand-in tones, not speech (write one with `duplexline model init --tiny DIR`)")
     engine = Engine(model, settings.slots, tokenizer=tokenizer, registry=registry)
-    return OmniFlattenAgent(engine, tokenizer, decoder, metrics)
+    return LocalVoiceEngine(engine, tokenizer, decoder)
+
+
+def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentMetrics,
+                bridge_id: str = "bridge") -> Agent:
+    """Raises CheckpointError/ConfigInvalid (model files), ConfigError (device, model folder)."""
+    if settings.agent == "echo":
+        return EchoAgent()
+    if settings.engine == "local":
+        return OmniFlattenAgent(build_voice_engine(settings, registry), metrics)
+    from model.worker_client import RemoteVoiceEngine
+    from model.worker_registry import WorkerRegistry
+
+    placement = WorkerRegistry(settings.redis) if settings.engine == "redis" else None  # type: ignore[arg-type]
+    voice = RemoteVoiceEngine(registry, bridge_id=bridge_id, urls=settings.worker_urls, placement=placement,
+                              model_id=settings.resolved_model_id if placement is not None else None)
+    log.info("engine: remote, %s", "workers of the registry at " + str(settings.redis) if placement
+             else "workers " + settings.engine)
+    return OmniFlattenAgent(voice, metrics)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
+import uuid
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -70,8 +71,10 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
     registry.register(_TaskCount(asyncio.get_running_loop()))
     logging.getLogger("aiohttp.server").addFilter(_NoBadRequestTracebacks())
     metrics = AgentMetrics(registry)
-    agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics)
-    manager = CallManager(agent, create_store(settings.redis), metrics)
+    bridge_id = f"bridge-{uuid.uuid4().hex[:8]}"
+    agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics,
+                                                             bridge_id)
+    manager = CallManager(agent, create_store(settings.redis), metrics, bridge_id=bridge_id)
     await manager.start()
     drained = asyncio.Event()
 

@@ -18,8 +18,9 @@ from .options import (ENV_PREFIX, HostPort, Option, choice, existing_path, posit
                       seconds)
 from .sip_config import SIP_OPTIONS, SipSettings
 from .webrtc_config import WEBRTC_OPTIONS, WebRtcSettings
+from .worker_config import WORKER_OPTIONS, WorkerSettings
 
-__all__ = ["Settings", "OPTIONS", "add_serve_arguments", "settings_from"]
+__all__ = ["Settings", "OPTIONS", "add_serve_arguments", "add_worker_arguments", "settings_from"]
 
 AGENTS = ("omniflatten", "echo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -46,8 +47,11 @@ class Settings:
     drain_timeout: float = 60.0
     event_loop: str = "uvloop"
     media_timeout: float = 30.0  # 0: off
+    engine: str = "local"  # local | redis | HOST:PORT[,HOST:PORT...] (docs/worker.md)
+    model_id: str | None = None
     sip: SipSettings = field(default_factory=SipSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -66,8 +70,25 @@ class Settings:
             _check_media_timeout(self.media_timeout)
         except ValueError as exc:
             raise ConfigError("media_timeout", self.media_timeout, str(exc)) from None
+        if self.engine == "redis" and not self.redis:
+            raise ConfigError("engine", self.engine, "needs --redis URL: the registry workers publish themselves in")
+        if self.engine != "local" and self.agent != "omniflatten":
+            raise ConfigError("engine", self.engine, f"the {self.agent} agent runs no model: use --engine local")
         if self.sip_listen == self.http_listen:
             raise ConfigError("http_listen", str(self.http_listen), "same address as --sip-listen")
+
+    @property
+    def worker_urls(self) -> list[str]:
+        """--engine HOST:PORT,...: the fixed list of workers; [] for local and redis."""
+        return [] if self.engine in ("local", "redis") else self.engine.split(",")
+
+    @property
+    def resolved_model_id(self) -> str:
+        """What a worker serves (and a bridge places by): --model-id, else the model
+        folder's name, else the built-in tiny model's."""
+        if self.model_id:
+            return self.model_id
+        return self.model.resolve().name if self.model is not None else "tiny-random"
 
     @property
     def store_name(self) -> str:
@@ -85,6 +106,22 @@ def _check_media_timeout(value: float) -> float:
 
 def _media_timeout(text: str) -> float:
     return _check_media_timeout(seconds(text))
+
+
+def _engine(text: str) -> str:
+    value = text.strip()
+    if value in ("local", "redis"):
+        return value
+    try:
+        return ",".join(str(HostPort.parse(part.strip())) for part in value.split(","))
+    except ValueError as exc:
+        raise ValueError(f"expected local, redis or HOST:PORT[,HOST:PORT...] of workers ({exc})") from None
+
+
+def _model_id(text: str) -> str:
+    if not text or len(text) > 128 or any(c.isspace() for c in text):
+        raise ValueError("1-128 characters, no spaces")
+    return text
 
 
 CORE_OPTIONS: tuple[Option, ...] = (
@@ -107,18 +144,37 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "before they are hung up (default 60)", "SECONDS"),
     Option("event_loop", choice(EVENT_LOOPS), "the asyncio event loop: uvloop (default; measured ~10%% less "
            "CPU per WebRTC call) or asyncio (the standard library's)", "LOOP"),
+    Option("engine", _engine, "where calls' model sessions run: local (default: in this process), redis "
+           "(engine workers found in the --redis registry) or HOST:PORT[,HOST:PORT...] (fixed workers)", "WHERE"),
+    Option("model_id", _model_id, "the model's id for placement: a worker publishes it, a bridge with a remote "
+           "engine only uses workers that serve it (default: the --model folder's name, or tiny-random)", "ID"),
     Option("media_timeout", _media_timeout, "hang up a call (reason media-timeout) when no caller audio has "
            "arrived for this long; calls on hold are spared (default 30; 0: off)", "SECONDS"),
 )
-OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS
-SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings}
+OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS + WORKER_OPTIONS
+SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings, "worker": WorkerSettings}
+# What `duplexline worker` takes: the model and its engine, the registry, and its own section.
+WORKER_COMMAND_OPTIONS = ("model", "model_id", "redis", "log_level", "slots", "device", "drain_timeout",
+                          "event_loop")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for opt in OPTIONS:
+        if opt.section == "worker":
+            continue
         # Raw strings: parsing happens in settings_from so flags and variables share it.
         parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, default=None,
                             help=f"{opt.help}; env {opt.env}")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    for opt in OPTIONS:
+        if opt.section != "worker" and opt.name not in WORKER_COMMAND_OPTIONS:
+            continue
+        # --listen and --advertise read better on the worker's own command line.
+        short = ["--" + opt.field] if opt.section == "worker" and opt.field != "id" else []
+        parser.add_argument(*short, opt.flag, dest=opt.name, metavar=opt.metavar, default=None,
+                            help=f"{opt.help.removeprefix('worker: ')}; env {opt.env}")
 
 
 def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:

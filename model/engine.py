@@ -286,6 +286,12 @@ class Engine(WorkerThread):
     def bytes_per_slot(self) -> int:
         return self._stepper.cache.bytes_per_slot
 
+    def tick_p99(self, last: int = 500) -> float:
+        """The 99th percentile of the last `last` ticks' seconds (0.0 before any): what a
+        worker publishes for placement."""
+        ticks = [t[1] for t in list(self.recent_ticks)[-last:]]
+        return float(np.percentile(ticks, 99)) if ticks else 0.0
+
     def stats(self) -> EngineStats:
         with self._cv:
             return EngineStats(self._slots, len(self._sessions), self._steps, self._missed, self._dropped,

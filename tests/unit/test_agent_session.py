@@ -19,6 +19,7 @@ from model.decoder_standin import StandInToneDecoder
 from model.engine import Engine
 from model.omniflatten import ChunkResult
 from model.s3_tokenizer import S3Config, S3Tokenizer
+from model.voice import LocalVoiceEngine
 
 
 def tone(freq, seconds, rate=16000, amp=0.3):
@@ -52,7 +53,7 @@ def omni_agent(registry, metrics, slots=4):
     model = build_model(config, seed=0)
     tok = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=4096), seed=0)
     dec = StandInToneDecoder(config.decoder_sample_rate, config.speech_token_rate)
-    return OmniFlattenAgent(Engine(model, slots, registry=registry), tok, dec, metrics)
+    return OmniFlattenAgent(LocalVoiceEngine(Engine(model, slots, registry=registry), tok, dec), metrics)
 
 
 def make_manager(agent_kind="echo", slots=4):
@@ -111,7 +112,7 @@ def test_tiny_model_plays_one_chunk_of_audio_per_user_chunk():
         # The first chunk carries the tokenizer's 20 ms look-ahead (one frame of leading
         # silence on an idle engine), so each of the five chunks' codes are final as it
         # arrives: five steps, not four with the fifth a chunk period behind.
-        assert manager.agent.engine.lead_frames(0.02) == 1
+        assert manager.agent.voice.engine.lead_frames(0.02) == 1
         await until(lambda: len(latencies()) >= 5, timeout=20)
         # Each step queues exactly one chunk (200 ms) of audio.
         assert abs(line.depth_ms - 200 * len(latencies())) < 25
@@ -120,7 +121,7 @@ def test_tiny_model_plays_one_chunk_of_audio_per_user_chunk():
         assert registry.get_sample_value("duplexline_agent_response_seconds_count") == len(latencies())
         assert registry.get_sample_value("duplexline_engine_batch_size_count") >= 4
         await session.end("remote-hangup")
-        assert manager.agent.engine.stats().open_sessions == 0  # the slot is free again
+        assert manager.agent.voice.engine.stats().open_sessions == 0  # the slot is free again
         await manager.close()
 
     asyncio.run(main())

@@ -1,0 +1,133 @@
+"""The bridge-worker protocol's messages (docs/worker.md), version 1, over one WebSocket
+per bridge-worker pair, many sessions on it.
+
+Control messages are JSON text frames `{"t": kind, ...}`. Audio, both ways, travels in
+binary frames, each carrying every session's chunk that was ready in the same moment
+(one message per tick, not one per call per frame):
+
+    b"DL" | version (u8) | kind (u8) | header length (u32, little-endian) | JSON header | payload
+
+- kind AUDIO (bridge to worker): header `{"items": [[sid, seq, samples], ...]}`, payload
+  each item's 16 kHz audio as int16 little-endian, in order (callers' audio is 16-bit
+  already: int16 halves the bytes and loses nothing);
+- kind RESULTS (worker to bridge): header `{"items": [[sid, seq, [[text_ids, speech_codes,
+  dropped, samples], ...]], ...]}`, payload every chunk's audio as float32 little-endian
+  at the decoder's rate, in order (what the decoder made, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+from .voice import VoiceChunk
+
+__all__ = ["VERSION", "AUDIO", "RESULTS", "ProtocolError", "control", "parse_control", "pack_audio",
+           "unpack_audio", "pack_results", "unpack_results"]
+
+VERSION = 1
+AUDIO = 1
+RESULTS = 2
+_MAGIC = b"DL"
+_PREFIX = struct.Struct("<2sBBI")
+MAX_ITEMS = 4096  # sessions in one message: far above any worker's slots
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow docs/worker.md: the connection is closed."""
+
+
+def control(kind: str, **fields: object) -> str:
+    return json.dumps({"t": kind, **fields}, separators=(",", ":"))
+
+
+def parse_control(text: str) -> dict:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise ProtocolError("a control message is not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise ProtocolError("a control message has no kind ('t')")
+    return message
+
+
+def _pack(kind: int, header: dict, payload: bytes) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(_MAGIC, VERSION, kind, len(head)) + head + payload
+
+
+def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
+    if len(data) < _PREFIX.size:
+        raise ProtocolError("a binary message shorter than its prefix")
+    magic, version, got, n = _PREFIX.unpack_from(data)
+    if magic != _MAGIC:
+        raise ProtocolError("a binary message without the DL prefix")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+    if got != kind:
+        raise ProtocolError(f"binary message kind {got}, expected {kind}")
+    end = _PREFIX.size + n
+    try:
+        items = json.loads(bytes(data[_PREFIX.size:end]))["items"]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError("a binary message's header is not valid JSON with items") from None
+    if not isinstance(items, list) or len(items) > MAX_ITEMS:
+        raise ProtocolError("a binary message's items are not a list of at most 4096")
+    return items, memoryview(data)[end:]
+
+
+def pack_audio(items: list[tuple[int, int, np.ndarray]]) -> bytes:
+    """(sid, seq, float32 audio in [-1, 1] from int16 frames) per session."""
+    pcm = [np.clip(np.round(a * 32768.0), -32768, 32767).astype("<i2") for _, _, a in items]
+    header = {"items": [[sid, seq, len(p)] for (sid, seq, _), p in zip(items, pcm)]}
+    return _pack(AUDIO, header, b"".join(p.tobytes() for p in pcm))
+
+
+def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
+    items, payload = _unpack(data, AUDIO)
+    out, at = [], 0
+    for item in items:
+        try:
+            sid, seq, n = (int(x) for x in item)
+        except (TypeError, ValueError):
+            raise ProtocolError("an audio item is not [sid, seq, samples]") from None
+        if n < 0 or at + 2 * n > len(payload):
+            raise ProtocolError("an audio item's samples run past the payload")
+        pcm = np.frombuffer(payload[at:at + 2 * n], dtype="<i2").astype(np.float32) * (1.0 / 32768.0)
+        out.append((sid, seq, pcm))
+        at += 2 * n
+    if at != len(payload):
+        raise ProtocolError("an audio message's payload is longer than its items")
+    return out
+
+
+def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
+    header, pcm = [], []
+    for sid, seq, chunks in items:
+        header.append([sid, seq, [[list(c.text_ids), list(c.speech_codes), bool(c.dropped), len(c.pcm)]
+                                  for c in chunks]])
+        pcm += [np.asarray(c.pcm, dtype="<f4").tobytes() for c in chunks]
+    return _pack(RESULTS, {"items": header}, b"".join(pcm))
+
+
+def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
+    items, payload = _unpack(data, RESULTS)
+    out, at = [], 0
+    try:
+        for sid, seq, chunks in items:
+            got = []
+            for text_ids, speech_codes, dropped, n in chunks:
+                if n < 0 or at + 4 * n > len(payload):
+                    raise ProtocolError("a result's samples run past the payload")
+                pcm = np.frombuffer(payload[at:at + 4 * n], dtype="<f4").astype(np.float32)
+                at += 4 * n
+                got.append(VoiceChunk(tuple(int(t) for t in text_ids), tuple(int(c) for c in speech_codes),
+                                      pcm, bool(dropped)))
+            out.append((int(sid), int(seq), got))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError("a results item is not [sid, seq, [[text, speech, dropped, samples], ...]]") from None
+    return out
