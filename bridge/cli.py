@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--tiny", action="store_true", required=True,
                       help="a tiny configuration (the only size offered: no weights are public)")
     init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    init.add_argument("--decoder", choices=("v1", "v2"), default=None,
+                      help="tiny random CosyVoice flow + HiFT decoder files in the official layout: v1 (50 Hz "
+                      "codes, 22.05 kHz) or v2 (25 Hz, 6561 codes, 24 kHz); default: the stand-in tone decoder")
     init.set_defaults(func=_model_init)
     return parser
 
@@ -58,8 +61,9 @@ def _model_init(args: argparse.Namespace) -> int:
     _configure_logging("INFO")
     from model.checkpoint import write_tiny_model
 
-    path = write_tiny_model(args.out, seed=args.seed)
-    print(f"wrote a tiny, untrained OmniFlatten model to {path}")
+    path = write_tiny_model(args.out, seed=args.seed, decoder=args.decoder)
+    which = f"tiny random CosyVoice {args.decoder} decoder" if args.decoder else "stand-in tone decoder"
+    print(f"wrote a tiny, untrained OmniFlatten model to {path} ({which})")
     return 0
 
 

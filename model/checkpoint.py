@@ -5,7 +5,9 @@
                           model.safetensors, or sharded with model.safetensors.index.json),
                           embeddings already extended to the full vocabulary
     tokenizer/            the S3 speech tokenizer (its own config and weights)
-    decoder.json          the speech decoder (today the stand-in tone decoder)
+    decoder/              the speech decoder: CosyVoice flow + HiFT (decoder.json, flow.pt,
+                          hift.pt in the official layout, voice.npz), or
+    decoder.json          the stand-in tone decoder (tiny demo models)
 
 Weights are read with safetensors and loaded with every key checked: a missing, extra or
 misshapen tensor is an error naming the file, never a silently random layer.
@@ -155,8 +157,12 @@ def save_model(model: OmniFlatten, folder: str | Path, tokenizer: SpeechTokenize
     model.backbone.save_pretrained(folder / "backbone", safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer")  # type: ignore[attr-defined]
-    (decoder or StandInToneDecoder(config.decoder_sample_rate, config.speech_token_rate,
-                                   config.speech_codebook_size)).save(folder / "decoder.json")  # type: ignore[attr-defined]
+    decoder = decoder or StandInToneDecoder(config.decoder_sample_rate, config.speech_token_rate,
+                                            config.speech_codebook_size)
+    if isinstance(decoder, StandInToneDecoder):
+        decoder.save(folder / "decoder.json")
+    else:
+        decoder.save(folder / "decoder")  # type: ignore[attr-defined]
     config.save(folder / "config.json")
     return folder
 
@@ -186,22 +192,51 @@ def load_model(folder: str | Path, device: str = "cpu") -> LoadedModel:
 
         # On the engine's device: the engine tokenizes every tick's audio there, batched.
         tokenizer = S3Tokenizer.load(folder / "tokenizer", device=device)
-    decoder = StandInToneDecoder.load(folder / "decoder.json")
+    decoder_path = folder / "decoder"
+    decoder: SpeechDecoder
+    if decoder_path.is_dir():
+        from .cosyvoice_decoder import CosyVoiceDecoder
+
+        decoder = CosyVoiceDecoder.load(decoder_path, device=device)
+    else:
+        decoder_path = folder / "decoder.json"
+        decoder = StandInToneDecoder.load(decoder_path)
+        log.warning("%s: the STAND-IN tone decoder: callers hear tones, not speech", decoder_path)
     if decoder.sample_rate != config.decoder_sample_rate or decoder.token_rate != config.speech_token_rate:
-        raise CheckpointError(folder / "decoder.json", f"decoder runs {decoder.token_rate} Hz -> "
+        raise CheckpointError(decoder_path, f"decoder runs {decoder.token_rate} Hz -> "
                               f"{decoder.sample_rate} Hz; config.json says {config.speech_token_rate} Hz "
                               f"-> {config.decoder_sample_rate} Hz")
+    codebook = getattr(decoder, "codebook_size", config.speech_codebook_size)
+    if codebook != config.speech_codebook_size:
+        raise CheckpointError(decoder_path, f"decoder takes {codebook} speech codes; config.json says "
+                              f"{config.speech_codebook_size}")
     return LoadedModel(model, tokenizer, decoder)
 
 
-def write_tiny_model(out: str | Path, seed: int = 0) -> Path:
+DECODER_FAMILIES = {  # the OmniFlatten speech settings each CosyVoice family implies
+    "v1": {"speech_token_rate": 50, "speech_codebook_size": 4096, "decoder_sample_rate": 22050},
+    "v2": {"speech_token_rate": 25, "speech_codebook_size": 6561, "decoder_sample_rate": 24000},
+}
+
+
+def write_tiny_model(out: str | Path, seed: int = 0, decoder: str | None = None) -> Path:
+    """A tiny random model folder. `decoder`: None for the stand-in tone decoder, or
+    "v1" / "v2" for tiny random CosyVoice flow + HiFT files in the official layout (the
+    model's speech codes, rate and the tokenizer then follow that family)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(out, "folder exists and is not empty; choose a new one")
-    config = tiny_config()
+    if decoder is not None and decoder not in DECODER_FAMILIES:
+        raise ValueError(f"decoder must be one of {', '.join(DECODER_FAMILIES)}, got {decoder!r}")
+    config = tiny_config(**DECODER_FAMILIES.get(decoder or "", {}))
     model = build_model(config, seed=seed)
     from .s3_tokenizer import S3Config, S3Tokenizer
 
     tokenizer = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=config.speech_codebook_size,
                                             token_rate=config.speech_token_rate), seed=seed)
-    return save_model(model, out, tokenizer=tokenizer)
+    speech: SpeechDecoder | None = None
+    if decoder is not None:
+        from .cosyvoice_decoder import CosyVoiceDecoder
+
+        speech = CosyVoiceDecoder.random(decoder, seed=seed)
+    return save_model(model, out, tokenizer=tokenizer, decoder=speech)

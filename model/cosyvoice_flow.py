@@ -359,8 +359,11 @@ class CosyVoiceFlow(nn.Module):
 
     @torch.inference_mode()
     def prepare(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                streaming: bool = False, finalize: bool = True) -> FlowInputs:
-        """Everything before the solver: encoder output, mu, spks, cond, mask."""
+                streaming: bool = False, finalize: bool = True, frames: int | None = None) -> FlowInputs:
+        """Everything before the solver: encoder output, mu, spks, cond, mask. `frames`
+        (v1): the new tokens' mel frames, instead of upstream's rule for them alone (a
+        stream asks for its running total's share, so that chunks add up to the audio's
+        length)."""
         c = self.config
         device = self.spk_embed_affine_layer.weight.device
         dtype = self.spk_embed_affine_layer.weight.dtype
@@ -383,7 +386,8 @@ class CosyVoiceFlow(nn.Module):
             n1 = prompt_token.shape[1]
             proj = self.encoder_proj(h)
             edge = c.regulator_edge_tokens
-            mu = self.length_regulator(proj[:, :n1], proj[:, n1:], prompt_frames, c.v1_frames(token.shape[1]),
+            new_frames = c.v1_frames(token.shape[1]) if frames is None else frames
+            mu = self.length_regulator(proj[:, :n1], proj[:, n1:], prompt_frames, new_frames,
                                        edge_tokens=edge, edge_frames=c.v1_frames(edge))
         else:
             lookahead = c.pre_lookahead_len
@@ -406,14 +410,15 @@ class CosyVoiceFlow(nn.Module):
     @torch.inference_mode()
     def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
                   noise: Tensor | None = None, streaming: bool = False, finalize: bool = True, *,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, frames: int | None = None) -> Tensor:
         """token (1, n) and prompt_token (1, m) int ids, prompt_feat (1, frames, 80) log-mel,
         embedding (1, 192) raw x-vector -> mel (1, 80, new frames), prompt removed.
 
         `noise` (1, 80, >= T): the solver's start (its first T frames); default v1 draws
         N(0, 1) (from `generator` if given), v2 uses its fixed noise. v2 streaming: see the
         module docstring; v1 accepts only streaming=False, finalize=True."""
-        inputs = self.prepare(token, prompt_token, prompt_feat, embedding, streaming=streaming, finalize=finalize)
+        inputs = self.prepare(token, prompt_token, prompt_feat, embedding, streaming=streaming, finalize=finalize,
+                              frames=frames)
         z = self._noise(noise, inputs.mu, generator)
         mel = self.decoder.solve(z, inputs.mu, inputs.mask, inputs.spks, inputs.cond, streaming=streaming)
         return mel[:, :, inputs.prompt_frames:]

@@ -1,0 +1,329 @@
+"""`CosyVoiceDecoder`: the assistant's speech codes become speech through CosyVoice's
+flow matching (`cosyvoice_flow`) and HiFT vocoder (`cosyvoice_hift`), chunk by chunk, as
+the model speaks (docs/decoder.md).
+
+One push = one model chunk of codes (10: 200 ms at 50 Hz, 400 ms at 25 Hz). Per push:
+
+- **Flow, in a sliding window.** The chunk's codes are the flow's new tokens; the voice's
+  prompt plus the stream's last `context_tokens` codes are its prompt, with the voice's
+  prompt mel plus the mel this stream made for those codes as the prompt's condition. So
+  every chunk continues the mel it follows (no seam in the mel), at a cost bounded by the
+  window, not by the length of the reply. v1's 1.72 mel frames per code are counted on
+  the stream's running total, so the chunks add up to the audio's length exactly.
+- **HiFT with its caches**: the chunk's mel after the previous chunk's last `overlap`
+  frames, the previous source's last samples in front of the new source (the harmonic
+  phase goes on); the first `overlap` frames' samples are cross-faded (Hamming) with the
+  previous chunk's held-back tail, and this chunk's last `overlap` frames are held back
+  for the next: no click at chunk edges, for `overlap` frames of added latency (v1: 8 x
+  256 samples = 93 ms; v2: 8 x 480 = 160 ms, as upstream's streaming).
+- **Silent speech** (code -1): a chunk of it ends the utterance: the held-back tail is
+  played out with a fade, the rest is silence, and the next utterance starts afresh. Silent
+  codes inside a spoken chunk repeat the nearest spoken code and are muted with 5 ms ramps.
+
+Each push returns exactly its codes' duration of audio, except the first of an utterance
+(short by the held-back tail) and the one that ends it (long by that tail).
+
+`steps` (Euler steps) and `guidance` (classifier-free guidance weight) are settings:
+bench/decoder.py measures cost against steps. Randomness (v1's flow noise, HiFT's noise)
+comes from a per-stream generator with a fixed seed, so one stream's audio depends only on
+its codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec import DecoderStream, SpeechDecoder
+from .cosyvoice_encoder import EncoderConfig
+from .cosyvoice_estimator import EstimatorConfig
+from .cosyvoice_flow import V2, CosyVoiceFlow, FlowConfig, load_flow
+from .cosyvoice_hift import HiFTConfig, HiFTGenerator, load_hift
+from .errors import CheckpointError
+
+__all__ = ["CosyVoiceDecoder", "DecoderSettings", "Voice", "KIND", "tiny_flow_config", "tiny_hift_config"]
+
+KIND = "cosyvoice"
+_RAMP_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    steps: int = 10  # Euler steps of the flow
+    guidance: float = 0.7  # classifier-free guidance weight
+    context_tokens: int = 20  # codes of the stream's past re-fed to the flow as prompt
+    overlap_frames: int = 8  # mel frames HiFT repeats, cross-fades and holds back
+    seed: int = 0  # each stream's noise generator
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 100:
+            raise ValueError(f"steps must be 1..100, got {self.steps}")
+        if not 0.0 <= self.guidance <= 10.0:
+            raise ValueError(f"guidance must be 0..10, got {self.guidance}")
+        if self.context_tokens < 0 or self.overlap_frames < 0:
+            raise ValueError("context_tokens and overlap_frames must be >= 0")
+
+
+@dataclass
+class Voice:
+    """A speaker: the 192-d x-vector, and an optional prompt (its codes and their mel,
+    (frames, 80) natural-log, at the decoder's mel rate)."""
+
+    embedding: np.ndarray
+    prompt_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    prompt_mel: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 80), np.float32))
+
+
+def tiny_flow_config(family: str) -> FlowConfig:
+    """The small reference builds' sizes (../shared/reference/cosyvoice/small-vN): the
+    official layout at a few hundred thousand parameters, for tests and demos."""
+    encoder = dict(input_size=64, output_size=64, attention_heads=4, linear_units=128, num_blocks=2)
+    estimator = dict(attention_head_dim=32, n_blocks=2, num_mid_blocks=2, num_heads=2)
+    if family == "v1":
+        return FlowConfig(input_size=64, encoder=EncoderConfig(**encoder),
+                          estimator=EstimatorConfig(channels=(32, 32), **estimator))
+    official = FlowConfig.official_v2()
+    return dataclasses.replace(
+        official, input_size=64,
+        encoder=dataclasses.replace(official.encoder, **encoder),
+        estimator=dataclasses.replace(official.estimator, channels=(32,), **estimator))
+
+
+def tiny_hift_config(family: str) -> HiFTConfig:
+    official = HiFTConfig.official_v1() if family == "v1" else HiFTConfig.official_v2()
+    return dataclasses.replace(official, base_channels=64, f0_channels=48)
+
+
+class CosyVoiceDecoder(SpeechDecoder):
+    """Flow + HiFT + a voice. Thread-safe for concurrent streams (inference only)."""
+
+    def __init__(self, flow: CosyVoiceFlow, hift: HiFTGenerator, voice: Voice,
+                 settings: DecoderSettings | None = None) -> None:
+        self.settings = settings or DecoderSettings()
+        s = self.settings
+        # Steps and guidance are the solver's, not the weights': set them on its config.
+        config = dataclasses.replace(flow.config, n_timesteps=s.steps, inference_cfg_rate=s.guidance)
+        flow.config = config
+        flow.decoder.config = config
+        self.flow = flow.eval()
+        self.hift = hift.eval()
+        self.voice = voice
+        self.family = "v2" if config.version == V2 else "v1"
+        self.sample_rate = hift.config.sample_rate
+        self.token_rate = config.input_frame_rate
+        self.codebook_size = config.vocab_size
+        if hift.config.sample_rate != config.mel_sample_rate or hift.config.samples_per_frame != config.mel_hop:
+            raise ValueError(f"the flow makes mel for {config.mel_sample_rate} Hz, hop {config.mel_hop}; HiFT takes "
+                             f"{hift.config.sample_rate} Hz, hop {hift.config.samples_per_frame}")
+        self.device = next(flow.parameters()).device
+        self.dtype = next(flow.parameters()).dtype
+
+    @property
+    def samples_per_code(self) -> float:
+        return self.sample_rate / self.token_rate
+
+    def mel_frames(self, codes: int) -> int:
+        """Mel frames of the first `codes` codes of an utterance."""
+        c = self.flow.config
+        return codes * c.token_mel_ratio if c.version == V2 else c.v1_frames(codes)
+
+    def new_stream(self) -> DecoderStream:
+        return CosyVoiceStream(self)
+
+    # ---- building, saving, loading ---------------------------------------------------------
+
+    @classmethod
+    def random(cls, family: str, seed: int = 0, settings: DecoderSettings | None = None) -> CosyVoiceDecoder:
+        """Tiny random flow and HiFT (`tiny_flow_config`), a random voice: tests and demos."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flow = CosyVoiceFlow(tiny_flow_config(family))
+            hift = HiFTGenerator(tiny_hift_config(family))
+            embedding = torch.randn(192).numpy()
+        return cls(flow, hift, Voice(embedding.astype(np.float32)), settings)
+
+    def save(self, folder: str | Path) -> None:
+        """`folder/`: decoder.json (kind, family, configs, settings), flow.pt and hift.pt
+        (plain state dicts in the official layout) and voice.npz."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.flow.state_dict(), folder / "flow.pt")
+        torch.save(self.hift.state_dict(), folder / "hift.pt")
+        np.savez(folder / "voice.npz", embedding=self.voice.embedding, prompt_tokens=self.voice.prompt_tokens,
+                 prompt_mel=self.voice.prompt_mel)
+        meta = {"kind": KIND, "family": self.family, "flow": dataclasses.asdict(self.flow.config),
+                "hift": dataclasses.asdict(self.hift.config), "settings": dataclasses.asdict(self.settings)}
+        (folder / "decoder.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu", settings: DecoderSettings | None = None) -> CosyVoiceDecoder:
+        """Raises CheckpointError naming the file for anything missing, corrupt or not
+        matching its configuration. `settings` replaces the saved ones."""
+        folder = Path(folder)
+        meta_path = folder / "decoder.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(meta_path, "decoder file is missing") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(meta_path, f"not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != KIND:
+            raise CheckpointError(meta_path, f"expected a decoder of kind {KIND!r}")
+        try:
+            flow_config = _flow_config(meta["flow"])
+            hift_config = _dataclass(HiFTConfig, meta["hift"])
+            saved = DecoderSettings(**meta.get("settings", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(meta_path, f"bad decoder settings: {exc}") from None
+        flow = load_flow(folder / "flow.pt", flow_config, device=device)
+        hift = load_hift(folder / "hift.pt", hift_config, map_location=device)
+        voice = _load_voice(folder / "voice.npz")
+        return cls(flow, hift.to(device), voice, settings or saved)
+
+
+def _dataclass(cls: type, data: dict[str, Any]) -> Any:
+    """A frozen config dataclass from its asdict() form (JSON lists back to tuples)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+
+    def tuples(value: Any) -> Any:
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+    return cls(**{k: tuples(v) for k, v in data.items()})
+
+
+def _flow_config(data: dict[str, Any]) -> FlowConfig:
+    data = dict(data)
+    encoder = _dataclass(EncoderConfig, data.pop("encoder"))
+    estimator = _dataclass(EstimatorConfig, data.pop("estimator"))
+    return FlowConfig(**{**{k: v for k, v in data.items()}, "encoder": encoder, "estimator": estimator})
+
+
+def _load_voice(path: Path) -> Voice:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            voice = Voice(z["embedding"].astype(np.float32), z["prompt_tokens"].astype(np.int64),
+                          z["prompt_mel"].astype(np.float32))
+    except FileNotFoundError:
+        raise CheckpointError(path, "the voice file is missing") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(path, f"not a voice file (embedding, prompt_tokens, prompt_mel): {exc}") from None
+    if voice.embedding.shape != (192,):
+        raise CheckpointError(path, f"embedding has shape {voice.embedding.shape}, expected (192,)")
+    if voice.prompt_mel.ndim != 2 or voice.prompt_mel.shape[1] != 80:
+        raise CheckpointError(path, f"prompt_mel has shape {voice.prompt_mel.shape}, expected (frames, 80)")
+    return voice
+
+
+class CosyVoiceStream(DecoderStream):
+    """One call's decoder state (see the module docstring). Not thread-safe."""
+
+    def __init__(self, decoder: CosyVoiceDecoder) -> None:
+        self._d = decoder
+        self._generator = torch.Generator(device="cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        d = self._d
+        self._generator.manual_seed(d.settings.seed)
+        self._codes: list[int] = []  # this utterance's codes, the last context_tokens of them
+        self._mel = torch.zeros(d.flow.config.output_size, 0)  # the mel this stream made for _codes
+        self._spoken = 0  # codes of this utterance so far (v1's frame count runs on it)
+        self._mel_tail: torch.Tensor | None = None  # last overlap frames of mel
+        self._source_tail: torch.Tensor | None = None  # the source under them
+        self._speech_tail = np.zeros(0, np.float32)  # held back for the next cross-fade
+
+    def push(self, codes: np.ndarray) -> np.ndarray:
+        d = self._d
+        codes = np.asarray(codes, dtype=np.int64)
+        n_samples = int(round(len(codes) * d.samples_per_code))
+        spoken = codes >= 0
+        if not spoken.any():
+            return self._end_utterance(n_samples)
+        filled = _fill_silent(codes)
+        with torch.inference_mode():
+            mel = self._flow(filled)
+            speech = self._vocode(mel)
+        if not spoken.all():
+            speech *= _mute_envelope(spoken, len(speech), d.sample_rate)
+        return speech
+
+    def _flow(self, codes: np.ndarray) -> torch.Tensor:
+        """(80, frames) mel of the new codes, continuing the context."""
+        d = self._d
+        voice = d.voice
+        frames = d.mel_frames(self._spoken + len(codes)) - d.mel_frames(self._spoken)
+        prompt_tokens = np.concatenate([voice.prompt_tokens, np.asarray(self._codes, np.int64)])
+        prompt_mel = torch.cat([torch.from_numpy(voice.prompt_mel), self._mel.T], dim=0)
+        kwargs = {} if d.family == "v2" else {"frames": frames, "generator": self._generator}
+        mel = d.flow.inference(torch.from_numpy(codes)[None], torch.from_numpy(prompt_tokens)[None],
+                               prompt_mel[None].to(d.device, d.dtype),
+                               torch.from_numpy(voice.embedding)[None].to(d.device, d.dtype), **kwargs)[0].float().cpu()
+        keep = d.settings.context_tokens
+        self._codes = (self._codes + [int(c) for c in codes])[-keep:] if keep else []
+        self._mel = torch.cat([self._mel, mel], dim=1)
+        self._spoken += len(codes)
+        # The mel of the kept codes: v1's frames per code vary, so count them from the total.
+        if keep:
+            held = d.mel_frames(self._spoken) - d.mel_frames(self._spoken - len(self._codes))
+            self._mel = self._mel[:, -held:] if held else self._mel[:, :0]
+        else:
+            self._mel = self._mel[:, :0]
+        return mel
+
+    def _vocode(self, mel: torch.Tensor) -> np.ndarray:
+        d = self._d
+        hop = d.hift.config.samples_per_frame
+        overlap = d.settings.overlap_frames
+        first = self._mel_tail is None
+        x = mel if first else torch.cat([self._mel_tail, mel], dim=1)
+        cache = self._source_tail
+        speech, source = d.hift(x[None].to(d.device, d.dtype), cache, stochastic=True, generator=self._generator)
+        speech = speech[0].float().cpu().numpy().astype(np.float32)
+        if overlap:
+            self._mel_tail = x[:, -overlap:]
+            self._source_tail = source[..., -overlap * hop:]
+            n = overlap * hop
+            if not first and len(self._speech_tail):
+                window = np.hamming(2 * n).astype(np.float32)
+                speech[:n] = speech[:n] * window[:n] + self._speech_tail * window[n:]
+            out, self._speech_tail = speech[:-n], speech[-n:].copy()
+            return out
+        return speech
+
+    def _end_utterance(self, n_samples: int) -> np.ndarray:
+        """Silence for the chunk, after the held-back tail (faded out)."""
+        tail = self._speech_tail
+        if len(tail):
+            tail = tail * np.linspace(1.0, 0.0, len(tail), dtype=np.float32)
+        self.reset()
+        out = np.zeros(max(n_samples, len(tail)), np.float32)
+        out[:len(tail)] = tail
+        return out
+
+
+def _fill_silent(codes: np.ndarray) -> np.ndarray:
+    """Silent codes take the nearest spoken code before them (after, at the start)."""
+    out = codes.copy()
+    spoken = np.flatnonzero(codes >= 0)
+    idx = np.maximum.accumulate(np.where(codes >= 0, np.arange(len(codes)), -1))
+    idx[idx < 0] = spoken[0]
+    return out[idx]
+
+
+def _mute_envelope(spoken: np.ndarray, n_samples: int, rate: int) -> np.ndarray:
+    """1 under spoken codes, 0 under silent ones, with short linear ramps between."""
+    per = n_samples / len(spoken)
+    env = np.repeat(spoken.astype(np.float32), int(np.ceil(per)))[:n_samples]
+    if len(env) < n_samples:
+        env = np.pad(env, (0, n_samples - len(env)), mode="edge")
+    ramp = max(1, int(_RAMP_SECONDS * rate))
+    kernel = np.ones(ramp, np.float32) / ramp
+    return np.convolve(env, kernel, mode="same").astype(np.float32)
