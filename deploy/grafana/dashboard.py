@@ -10,8 +10,12 @@ here, run it, commit both (tests/integration/test_deploy_grafana.py runs --check
 An operator reads it top to bottom: are calls flowing (live calls, outcomes, alerts), are
 they good (setup, time to first audio, frame lateness, barge-in), is there room (engine step
 against the chunk budget, batch size, slots, missed deadlines), is the plumbing up
-(registrations, Redis, replicas). Every query filters by the `job` and `instance` variables,
-and every metric it names is checked against a real scrape of `duplexline serve`
+(registrations, Redis, replicas), do the bridges reach the workers (round trip, placements,
+workers lost, calls re-homed), and then one row per worker (sessions by bridge, tick time,
+refusals, bridge connections), repeated over the `worker` variable: a worker added to the
+deployment gets its row without an edit here. Every query but the per-worker rows' filters
+by the `job` and `instance` variables, and every metric it names is checked against a real
+scrape of a worker (`duplexline worker`) and a bridge (`duplexline serve --engine redis`)
 (tests/integration/test_deploy_metrics.py), so a renamed metric fails a test instead of
 showing "No data".
 
@@ -27,6 +31,8 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "dashboards" / "duplexline.json"
 DATASOURCE = {"type": "prometheus", "uid": "duplexline-prometheus"}  # provisioning/datasources
 SEL = 'job=~"$job", instance=~"$instance"'  # every query's selector
+WORKER_JOB = "duplexline-worker"  # prometheus.yml's and prometheus-kubernetes.yml's job name
+WSEL = f'job="{WORKER_JOB}", instance=~"$worker"'  # the per-worker rows' selector
 TTFA_BUDGET = 1.2  # seconds; the same budget as DuplexlineTimeToFirstAudioHigh in alerts.yml
 
 
@@ -36,7 +42,8 @@ def q(expr: str, legend: str = "") -> dict:
             "range": True}
 
 
-def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.99), prefix: str = "") -> list[dict]:
+def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.99), prefix: str = "",
+              sel: str = SEL) -> list[dict]:
     """p50/p99 (by default) of a histogram over 5 minutes, optionally split by a label."""
     group = f"{by}, le" if by else "le"
     out = []
@@ -44,7 +51,7 @@ def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.99), pr
         name = f"p{int(quantile * 100)}"
         legend = f"{prefix}{name}" + (f" {{{{{by}}}}}" if by else "")
         out.append(q(f"histogram_quantile({quantile}, sum by ({group}) "
-                     f"(rate({metric}_bucket{{{SEL}}}[5m])))", legend))
+                     f"(rate({metric}_bucket{{{sel}}}[5m])))", legend))
     return out
 
 
@@ -119,8 +126,13 @@ def right_axis(name: str) -> dict:
             "properties": [{"id": "unit", "value": "short"}, {"id": "custom.axisPlacement", "value": "right"}]}
 
 
-def row(title: str) -> dict:
-    return {"type": "row", "title": title, "collapsed": False, "panels": []}
+def row(title: str, repeat: str | None = None) -> dict:
+    """A row; with `repeat`, Grafana draws it and the panels under it (up to the next row)
+    once per value of that variable."""
+    out = {"type": "row", "title": title, "collapsed": False, "panels": []}
+    if repeat:
+        out["repeat"] = repeat
+    return out
 
 
 def panels() -> list[tuple[dict, int, int]]:
@@ -232,6 +244,51 @@ def panels() -> list[tuple[dict, int, int]]:
                        "outages/min {{instance}}")]), 8, 8),
         (state_timeline("Replicas", "Every bridge and worker process Prometheus scrapes: up or down.",
                         [q(f"up{{{SEL}}}", "{{job}} {{instance}}")], up_down()), 8, 8),
+
+        (row("Bridges to workers: placement"), 24, 1),
+        (timeseries("Worker round trip", "Bridge to engine worker and back (ping to pong on the "
+                    "session connection), p50 and p99 per bridge: it adds to every chunk's delay.",
+                    quantiles("duplexline_engine_remote_rtt_seconds", by="instance"), "s"), 8, 8),
+        (timeseries("Placements (per minute)", "Calls' model sessions placed on workers by outcome: "
+                    "placed, refused (the worker was full or draining; the next one is asked) and "
+                    "unreachable. No `placed` while calls arrive: no worker with room.",
+                    [q(f"sum by (outcome) (rate(duplexline_engine_placements_total{{{SEL}}}[5m])) {per_min}",
+                       "{{outcome}}")],
+                    overrides=[series_color("placed", "green")]), 8, 8),
+        (timeseries("Workers lost and calls re-homed (per minute)", "Worker connections a bridge "
+                    "lost (worker-lost: closed; heartbeat: silent), and live calls moved to another "
+                    "worker by why (the caller heard a short silence).",
+                    [q(f"sum by (reason) (increase(duplexline_engine_workers_lost_total{{{SEL}}}[1m]))",
+                       "lost: {{reason}}"),
+                     q(f"sum by (reason) (increase(duplexline_agent_rehomes_total{{{SEL}}}[1m]))",
+                       "re-homed: {{reason}}")]), 8, 8),
+
+        # One row per worker (the `worker` variable): the last row, so it holds every panel
+        # below it.
+        (row("Worker $worker", repeat="worker"), 24, 1),
+        (timeseries("Sessions by bridge", "Sessions open on this worker, per bridge connected, "
+                    "stacked, against the worker's slots.",
+                    [q(f"sum by (bridge) (duplexline_worker_sessions{{{WSEL}}})", "{{bridge}}"),
+                     q(f"max(duplexline_engine_slots_total{{{WSEL}}})", "slots")],
+                    overrides=[{"matcher": {"id": "byName", "options": "slots"},
+                                "properties": [DASHED, {"id": "custom.stacking",
+                                                        "value": {"mode": "none", "group": "A"}}]}],
+                    stack=True), 6, 8),
+        (timeseries("Tick time", "One engine tick on this worker (p50, p99) against the chunk "
+                    "period: a tick longer than the period misses deadlines.",
+                    quantiles("duplexline_engine_step_duration_seconds", sel=WSEL)
+                    + [q(f"max(duplexline_engine_chunk_period_seconds{{{WSEL}}})", "chunk period (budget)")],
+                    "s", overrides=[series_color("chunk period (budget)", "red", dashed=True)]), 6, 8),
+        (timeseries("Refusals (per second)", "Session opens this worker refused, by reason "
+                    "(no_slot, deadline: its step time has no room; draining); bridges then ask "
+                    "another worker.",
+                    [q(f"sum by (reason) (rate(duplexline_worker_refused_total{{{WSEL}}}[5m]))",
+                       "{{reason}}")]), 6, 8),
+        (timeseries("Bridge connections", "Bridges connected to this worker, and connections that "
+                    "ended per minute by how (closed, idle: the bridge went silent, protocol).",
+                    [q(f"sum(duplexline_worker_connections{{{WSEL}}})", "connected"),
+                     q(f"sum by (how) (increase(duplexline_worker_bridges_lost_total{{{WSEL}}}[1m]))",
+                       "ended/min: {{how}}")]), 6, 8),
     ]
 
 
@@ -258,7 +315,7 @@ def dashboard() -> dict:
         "uid": "duplexline",
         "title": "duplexline",
         "description": "Calls, call quality, engine capacity and plumbing of duplexline bridges and "
-                       "workers. Source: deploy/grafana/dashboard.py.",
+                       "workers, placement, and a row per worker. Source: deploy/grafana/dashboard.py.",
         "tags": ["duplexline"],
         "timezone": "browser",
         "editable": True,
@@ -271,6 +328,8 @@ def dashboard() -> dict:
             # "All" jobs means duplexline's, never Prometheus's own `up`.
             variable("job", "Job", 'label_values(up{job=~"duplexline-.*"}, job)', "duplexline-.*"),
             variable("instance", "Instance", 'label_values(up{job=~"$job"}, instance)', ".*"),
+            # The per-worker rows repeat over it: every worker scraped, up or down.
+            variable("worker", "Worker", f'label_values(up{{job="{WORKER_JOB}"}}, instance)', ".*"),
         ]},
         "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
                                   "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",

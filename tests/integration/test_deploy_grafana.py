@@ -1,7 +1,8 @@
 """The Grafana dashboard as code: the JSON is what deploy/grafana/dashboard.py writes, it is
 a dashboard Grafana lays out without overlaps, every panel uses the provisioned data source,
-and it shows what an operator needs at a glance (issue 8's list). Whether its queries name
-real metrics is test_deploy_metrics.py's job, against a real Prometheus."""
+and it shows what an operator needs at a glance (issue 8's list), the bridges' view of the
+workers, and a row per worker. Whether its queries name real metrics is
+test_deploy_metrics.py's job, against a real Prometheus."""
 
 from __future__ import annotations
 
@@ -79,6 +80,57 @@ def test_the_dashboard_shows_what_an_operator_reads_at_a_glance():
         assert metric in panels[title], (title, metric)
     assert "duplexline_engine_step_duration_seconds_bucket" in panels["Engine step time vs chunk budget"]
     assert "duplexline_engine_slots_total" in panels["Batch size and slot occupancy"]
+    # The bridges' side of the split: reaching the workers.
+    for title, metric in {"Worker round trip": "duplexline_engine_remote_rtt_seconds_bucket",
+                          "Placements (per minute)": "duplexline_engine_placements_total",
+                          "Workers lost and calls re-homed (per minute)": "duplexline_agent_rehomes_total"}.items():
+        assert title in panels and metric in panels[title], (title, metric)
+    assert "duplexline_engine_workers_lost_total" in panels["Workers lost and calls re-homed (per minute)"]
+
+
+def _worker_jobs() -> set[str]:
+    """The job name both scrape configs give the workers."""
+    jobs = set()
+    for name in ("prometheus.yml", "prometheus-kubernetes.yml"):
+        config = yaml.safe_load((REPO / "deploy/prometheus" / name).read_text())
+        jobs |= {j["job_name"] for j in config["scrape_configs"] if "worker" in j["job_name"]}
+    return jobs
+
+
+def test_a_row_per_worker():
+    """The issue's "a row per worker": a row repeated over the `worker` variable (every
+    instance of the workers' job, up or down), holding sessions, tick time, refusals and
+    connections of that one worker."""
+    dash = dashboard()
+    [job] = _worker_jobs()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    worker = variables["worker"]
+    assert worker["query"]["query"] == f'label_values(up{{job="{job}"}}, instance)'
+    assert worker["includeAll"] and worker["multi"], "a repeated row needs every worker selectable"
+    panels = dash["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    repeated = [i for i in rows if panels[i].get("repeat")]
+    assert len(repeated) == 1 and panels[repeated[0]]["repeat"] == "worker"
+    assert repeated[0] == rows[-1], "the repeated row must be last: it holds every panel below it"
+    assert "$worker" in panels[repeated[0]]["title"]
+    below = panels[repeated[0] + 1:]
+    assert below and all(p["gridPos"]["y"] > panels[repeated[0]]["gridPos"]["y"] for p in below)
+    wanted = {"Sessions by bridge": "duplexline_worker_sessions", "Tick time": "duplexline_engine_step_duration_seconds_bucket",
+              "Refusals (per second)": "duplexline_worker_refused_total",
+              "Bridge connections": "duplexline_worker_connections"}
+    titles = {p["title"]: p for p in below}
+    assert set(wanted) <= set(titles), sorted(titles)
+    for title, metric in wanted.items():
+        exprs = [t["expr"] for t in titles[title]["targets"]]
+        assert any(metric in e for e in exprs), (title, metric)
+    for p in below:  # each panel shows the row's worker, and only workers
+        for t in p["targets"]:
+            if "duplexline_" in t["expr"]:
+                assert 'instance=~"$worker"' in t["expr"] and f'job="{job}"' in t["expr"], (p["title"], t["expr"])
+                assert "$instance" not in t["expr"], (p["title"], t["expr"])
+    # Panels above the repeated row do not depend on it (they would show one worker only).
+    for p in panels[:repeated[0]]:
+        assert all("$worker" not in t["expr"] for t in p.get("targets", [])), p["title"]
 
 
 def test_the_provider_serves_the_folder_and_keeps_ui_edits_out():

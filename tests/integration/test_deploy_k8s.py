@@ -1,15 +1,18 @@
 """deploy/k8s/ is valid and consistent, without a cluster.
 
 Two checks of validity: a structural check here (what `kubectl apply` and the scheduler
-need: kinds, names, selectors that match their pods, probes on ports that exist, a GPU
-request, a drain before SIGKILL, a PodDisruptionBudget per Deployment, Prometheus finding
-the pods), and, when the `kubernetes-validate` package is installed, a strict check against
-Kubernetes' own OpenAPI schemas (it ships them; nothing is downloaded). The preStop drain
-command is run for real against a real `duplexline serve`.
+need: kinds, names, selectors that match their pods, probes on ports that exist, the GPU
+request on the worker and none on the bridge, the bridge's remote engine, the worker's
+advertised pod address, a drain before SIGKILL, a PodDisruptionBudget per Deployment,
+Prometheus finding the pods), and, when the `kubernetes-validate` package is installed, a
+strict check against Kubernetes' own OpenAPI schemas (it ships them; nothing is downloaded).
+The bridge's preStop drain command is run for real against a real `duplexline serve`, and a
+real `duplexline worker` runs with the worker's environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -17,8 +20,11 @@ import sys
 import pytest
 import yaml
 
-from tests.integration.serve_process import REPO, ServeProcess
-from tests.integration.test_deploy_settings import k8s_env
+from bridge.cli import build_parser
+from bridge.settings import Settings, settings_from
+from tests.integration.serve_process import REPO, ServeProcess, http_json
+from tests.integration.test_deploy_compose import WorkerProcess
+from tests.integration.test_deploy_settings import K8S_FIELDS, k8s_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,6 +64,18 @@ def listen_port(c: dict, var: str) -> int:
     return int(next(e["value"] for e in c["env"] if e["name"] == var).rpartition(":")[2])
 
 
+def settings(component: str) -> Settings:
+    """The container's settings, as its process builds them from its args and environment."""
+    c = container(component)
+    return settings_from(build_parser().parse_args(c["args"]), k8s_env(c))
+
+
+def metrics_port(component: str) -> int:
+    """Where the process serves /metrics and its probes: a bridge's HTTP port, a worker's one port."""
+    c = container(component)
+    return listen_port(c, "DUPLEXLINE_WORKER_LISTEN" if component == "worker" else "DUPLEXLINE_HTTP_LISTEN")
+
+
 def test_every_manifest_has_the_fields_kubectl_needs():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -82,38 +100,66 @@ def test_deployment_selects_its_pods_and_probes_the_right_routes(component):
     c = container(component)
     assert c["image"].startswith("duplexline:")
     ports = {p["name"]: p for p in c["ports"]}
-    assert ports["http"]["containerPort"] == listen_port(c, "DUPLEXLINE_HTTP_LISTEN")
-    sip = listen_port(c, "DUPLEXLINE_SIP_LISTEN")
-    assert {(ports[n]["containerPort"], ports[n]["protocol"]) for n in ("sip-udp", "sip-tcp")} == {(sip, "UDP"), (sip, "TCP")}
+    probed = {c[probe]["httpGet"]["port"] for probe in ("livenessProbe", "readinessProbe", "startupProbe")}
+    assert len(probed) == 1 and ports[probed.pop()]["containerPort"] == metrics_port(component)
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
         get = c[probe]["httpGet"]
         assert get["path"] == path and get["port"] in ports, (component, probe, get)
-    assert "/admin/drain" in " ".join(c["lifecycle"]["preStop"]["exec"]["command"])
     drain = float(k8s_env(c)["DUPLEXLINE_DRAIN_TIMEOUT"])
     assert pod["terminationGracePeriodSeconds"] >= drain + 10, "SIGKILL would cut calls still draining"
-    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_the_bridge_takes_the_calls_on_the_node_network():
+    c, pod = container("bridge"), deployment("bridge")["spec"]["template"]["spec"]
+    ports = {p["name"]: p for p in c["ports"]}
+    assert ports["http"]["containerPort"] == listen_port(c, "DUPLEXLINE_HTTP_LISTEN")
+    sip = listen_port(c, "DUPLEXLINE_SIP_LISTEN")
+    assert {(ports[n]["containerPort"], ports[n]["protocol"]) for n in ("sip-udp", "sip-tcp")} == {(sip, "UDP"), (sip, "TCP")}
+    # RTP port ranges and SIP addresses the node owns: the node's network (see bridge.yaml).
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    s = settings("bridge")
+    assert s.sip.public_address == K8S_FIELDS["status.hostIP"], "SIP advertises (and binds) the node's address"
+    # Admin routes on a public port: the token is required, from the Secret.
+    assert s.admin_token and "/admin/drain" in " ".join(c["lifecycle"]["preStop"]["exec"]["command"])
+    [token] = [e for e in c["env"] if e["name"] == "DUPLEXLINE_ADMIN_TOKEN"]
+    assert "secretKeyRef" in token["valueFrom"]
 
 
 def test_the_worker_asks_for_a_gpu_and_the_bridge_does_not():
     worker, bridge = container("worker"), container("bridge")
     assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1 == worker["resources"]["limits"]["nvidia.com/gpu"]
-    assert worker["args"][-2:] == ["--device", "cuda"]
+    assert worker["args"] == ["worker", "--device", "cuda"] and settings("worker").device == "cuda"
     assert "nvidia.com/gpu" not in str(bridge["resources"])
-    assert {"--agent", "echo"} <= set(bridge["args"])
+    assert "tolerations" not in deployment("bridge")["spec"]["template"]["spec"]
+    # The bridge takes every call and runs no model: each call's session goes to a worker of
+    # the registry, the same Redis the workers publish themselves in.
+    b = settings("bridge")
+    assert bridge["args"][0] == "serve" and (b.agent, b.engine) == ("omniflatten", "redis")
+    assert b.redis and b.redis == settings("worker").redis
+    assert b.resolved_model_id == settings("worker").resolved_model_id, "bridges place only on workers of their model"
 
 
-def test_bridge_and_worker_can_share_a_node():
-    """hostNetwork: the two must not want the same ports on one node."""
-    worker, bridge = container("worker"), container("bridge")
-    assert not ({(p["containerPort"], p["protocol"]) for p in worker["ports"]}
-                & {(p["containerPort"], p["protocol"]) for p in bridge["ports"]})
-    ranges = []
-    for c in (worker, bridge):
-        low, high = k8s_env(c)["DUPLEXLINE_RTP_PORTS"].split("-")
-        ranges.append(set(range(int(low), int(high) + 1)))
-    assert not ranges[0] & ranges[1]
+def test_the_worker_publishes_its_pod_address_and_name():
+    """Bridges connect to the address a worker publishes: its pod IP (the downward API) on
+    the port it listens on, and its pod name as its id (unique per pod)."""
+    c, pod = container("worker"), deployment("worker")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in c["env"]}
+    names = [e["name"] for e in c["env"]]
+    assert not pod.get("hostNetwork"), "the worker has no RTP or SIP: it stays off the node's ports"
+    w = settings("worker").worker
+    assert w.listen.host == "0.0.0.0" and w.listen.port == c["ports"][0]["containerPort"] == metrics_port("worker")
+    assert w.address == f"{K8S_FIELDS['status.podIP']}:{w.listen.port}"
+    assert w.worker_id == K8S_FIELDS["metadata.name"]
+    advertise = env["DUPLEXLINE_WORKER_ADVERTISE"]["value"]
+    ref = advertise.partition("$(")[2].partition(")")[0]
+    assert env[ref]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert names.index(ref) < names.index("DUPLEXLINE_WORKER_ADVERTISE"), "$(VAR) needs VAR defined before it"
+    assert env["DUPLEXLINE_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The kubelet's SIGTERM drains a worker (it has no admin routes): no preStop hook.
+    assert "lifecycle" not in c
 
 
 def test_services_and_budgets_select_existing_pods():
@@ -148,7 +194,7 @@ def test_prometheus_finds_the_pods_through_the_headless_services():
         svc = services[f"duplexline-{component}-metrics"]
         assert name == f"{svc['metadata']['name']}.{namespace}.svc.cluster.local"
         assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-        assert sd["port"] == listen_port(container(component), "DUPLEXLINE_HTTP_LISTEN") == svc["spec"]["ports"][0]["port"]
+        assert sd["port"] == metrics_port(component) == svc["spec"]["ports"][0]["port"]
 
 
 def test_the_manifests_match_the_kubernetes_schema():
@@ -169,17 +215,52 @@ def test_the_manifests_match_the_kubernetes_schema():
 
 
 def test_the_prestop_hook_drains_a_real_server(tmp_path):
-    """The hook's command, run as the kubelet would (the container's environment, its
-    python), makes a real serve drain and exit cleanly. (Bridge and worker share one
-    command; each distinct one is run.)"""
-    commands = {tuple(container(c)["lifecycle"]["preStop"]["exec"]["command"]) for c in ("bridge", "worker")}
-    for i, command in enumerate(sorted(commands)):
-        assert command[:2] == ("python", "-c")
-        token = "prestop-token"
-        with ServeProcess("--agent", "echo", "--admin-token", token, log_path=tmp_path / f"serve{i}.log") as server:
-            env = {**os.environ, "DUPLEXLINE_HTTP_LISTEN": f"0.0.0.0:{server.http_port}",
-                   "DUPLEXLINE_ADMIN_TOKEN": token}
-            hook = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
-            assert hook.returncode == 0, hook.stderr
-            assert server.proc.wait(timeout=30) == 0, server.log()
-            assert "draining" in server.log()
+    """The bridge's hook command, run as the kubelet would (the container's environment, its
+    python), makes a real serve drain and exit cleanly."""
+    command = container("bridge")["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    token = "prestop-token"
+    with ServeProcess("--agent", "echo", "--admin-token", token, log_path=tmp_path / "serve.log") as server:
+        env = {**os.environ, "DUPLEXLINE_HTTP_LISTEN": f"0.0.0.0:{server.http_port}",
+               "DUPLEXLINE_ADMIN_TOKEN": token}
+        hook = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
+        assert hook.returncode == 0, hook.stderr
+        assert server.proc.wait(timeout=30) == 0, server.log()
+        assert "draining" in server.log()
+
+
+def test_a_real_worker_runs_with_the_manifest_environment(tmp_path, redis_server):
+    """`duplexline worker` with the worker container's environment (the kubelet's values
+    filled in; a free port on 127.0.0.1 for its 7070, the test's Redis, the CPU): its probes
+    answer on the port, and it publishes the advertised address and its pod name in the
+    registry; SIGTERM drains and stops it, and it leaves the registry."""
+    from model.worker_registry import WorkerRegistry
+
+    c = container("worker")
+    worker = WorkerProcess(log_path=tmp_path / "worker.log")
+    port = worker.http_port
+    env = {**k8s_env(c), "DUPLEXLINE_REDIS": redis_server.url, "DUPLEXLINE_SLOTS": "2",
+           "DUPLEXLINE_WORKER_LISTEN": f"0.0.0.0:{port}", "DUPLEXLINE_WORKER_ADVERTISE": f"127.0.0.1:{port}"}
+    worker.env.update(env)
+    assert c["args"][-2:] == ["--device", "cuda"]
+    worker.args = [*c["args"][:-1], "cpu"]  # the manifest's command on the CPU; its port from the environment
+    with worker:
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            status, body = http_json("GET", f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}")
+            assert status == 200, (probe, body)
+        status, body = http_json("GET", f"http://127.0.0.1:{port}/readyz")
+        assert body["worker_id"] == K8S_FIELDS["metadata.name"]
+
+        async def published():
+            reg = WorkerRegistry(redis_server.url)
+            await reg.connect()
+            try:
+                return await reg.workers(include_draining=True)
+            finally:
+                await reg.close()
+
+        [info] = asyncio.run(published())
+        assert (info.worker_id, info.address) == (K8S_FIELDS["metadata.name"], f"127.0.0.1:{port}")
+        assert info.model_id == settings("bridge").resolved_model_id
+        assert worker.terminate() == 0, worker.log()
+    assert asyncio.run(published()) == []

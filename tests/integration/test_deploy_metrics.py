@@ -2,37 +2,53 @@
 
 A real Prometheus (Debian's package) runs the shipped deploy/prometheus/prometheus.yml
 (scrape interval cut to 1 s, targets moved to this test's ports, the shipped alerts.yml
-loaded) against two real `duplexline serve` processes: the worker (`--agent omniflatten`,
-the tiny model on the CPU) and the bridge (`--agent echo`), under the job names the config
-ships; the bridge has a SIP account whose registrar does not exist. A real SIP call
-(Debian's baresip, tests/integration/sip_peers.py) to the worker is answered, scraped while
-live and after it ended. Then every PromQL expression in the dashboard JSON and alerts.yml
-is parsed, and every metric name, label name, literal label value and legend/annotation
-label it uses must be in the series Prometheus scraped; every dashboard query must parse on
-the real Prometheus, and every alert rule must evaluate there without error, with only the
-alert that has a real cause (the unregistered account) active.
+loaded) against the deployment's processes, under the job names the config ships: two
+workers (`duplexline worker`, the tiny model on the CPU, registered in a real redis-server)
+and a bridge (`duplexline serve --agent omniflatten --engine redis`) with a SIP account
+whose registrar does not exist. Then what the dashboard shows happens for real:
+
+- a client of the worker protocol (the bridges' own, model/worker_client.py) asks one
+  worker for one session more than its slots: the worker refuses it, and counts the client's
+  connection as ended when it closes;
+- a real SIP call (Debian's baresip, tests/integration/sip_peers.py) to the bridge is
+  answered, its model session placed on a worker, scraped while live;
+- the worker holding the call is killed (SIGKILL): the bridge loses it and re-homes the call
+  on the other worker, where the call goes on until it is hung up.
+
+Then every PromQL expression in the dashboard JSON and alerts.yml is parsed, and every
+metric name, label name, literal label value and legend/annotation label it uses must be in
+the series Prometheus scraped; every dashboard query must parse on the real Prometheus, and
+every alert rule must evaluate there without error, with only the alert that has a real
+cause (the unregistered account) active.
 
 Most names are exported before any call (counters and histograms without labels, and
-labelled ones whose label sets are pre-initialised, are exported at zero); the call adds the
-rest.
+labelled ones whose label sets are pre-initialised, are exported at zero); the refusal, the
+call and the lost worker add the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from model.errors import EngineFull
+from model.worker_client import RemoteVoiceEngine
+from tests.conftest import RedisServer
 from tests.integration.prometheus_process import PrometheusProcess, require_binary
 from tests.integration.serve_process import REPO, ServeProcess, free_port, http_json
 from tests.integration.sip_peers import BaresipPeer
+from tests.integration.test_deploy_compose import WorkerProcess
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(240)
 
 DASHBOARD = REPO / "deploy/grafana/dashboards/duplexline.json"
 ALERTS = REPO / "deploy/prometheus/alerts.yml"
@@ -41,7 +57,8 @@ PROMETHEUS_CONFIG = REPO / "deploy/prometheus/prometheus.yml"
 TEST_ACCOUNT = "test-trunk"
 
 # Grafana variables, as "All" expands them (deploy/grafana/dashboard.py).
-GRAFANA_VARIABLES = {"$job": "duplexline-.*", "$instance": ".*"}
+GRAFANA_VARIABLES = {"$job": "duplexline-.*", "$instance": ".*", "$worker": ".*"}
+WORKER_SLOTS = 2
 
 _SELECTOR = re.compile(r"\b(duplexline_[a-zA-Z0-9_]+)\s*(?:\{([^}]*)\})?")
 _UP_SELECTOR = re.compile(r"(?<![a-zA-Z0-9_])up\s*\{([^}]*)\}")
@@ -158,14 +175,14 @@ def test_the_promql_reader_finds_names_labels_values_and_groupings():
 
 # ---- against a real Prometheus scraping real processes -------------------------------------------
 
-def _test_config(worker: str, bridge: str) -> dict:
+def _test_config(workers: list[str], bridge: str) -> dict:
     """The shipped config, scraping this test's processes every second."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"})
     config["rule_files"] = [str(ALERTS)]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert {"duplexline-worker", "duplexline-bridge"} <= set(jobs), "prometheus.yml lost a job name"
-    jobs["duplexline-worker"]["static_configs"][0]["targets"] = [worker]
+    jobs["duplexline-worker"]["static_configs"][0]["targets"] = workers
     jobs["duplexline-bridge"]["static_configs"][0]["targets"] = [bridge]
     config["scrape_configs"] = [jobs["duplexline-worker"], jobs["duplexline-bridge"]]
     return config
@@ -207,55 +224,111 @@ def _value(prom: PrometheusProcess, query: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
+async def _overfill(worker: WorkerProcess) -> str:
+    """One session more than the worker's slots, through the bridges' own client: the worker
+    refuses the last. Returns the refusal's reason; closing the client ends its connection."""
+    engine = RemoteVoiceEngine(CollectorRegistry(), bridge_id="deploy-test-client", urls=[worker.address])
+    await engine.start()
+    sessions = []
+    try:
+        for _ in range(WORKER_SLOTS):
+            sessions.append(await engine.open_session())
+        with pytest.raises(EngineFull) as refused:
+            await engine.open_session()
+        return refused.value.reason
+    finally:
+        for session in sessions:
+            session.close()
+        await engine.close()
+
+
+def _sessions(worker: WorkerProcess) -> int:
+    try:
+        return http_json("GET", worker.url + "/readyz", timeout=2)[1].get("sessions", 0)
+    except OSError:
+        return 0
+
+
 @pytest.fixture(scope="module")
 def scrape(tmp_path_factory):
-    """Worker, bridge and Prometheus up; one SIP call to the worker, seen in a scrape.
+    """Two workers, a bridge and Prometheus up; a refusal, a call, a lost worker, each seen
+    in a scrape.
 
     The bridge has one SIP account whose registrar does not exist (a closed port on
     loopback), so the registration metrics are exported and DuplexlineSipRegistrationDown
     has something real to see."""
     tmp = tmp_path_factory.mktemp("deploy-metrics")
     require_binary("prometheus", "prometheus")
+    redis_binary = shutil.which("redis-server")
+    if redis_binary is None:
+        pytest.fail("redis-server not found on PATH: install it with `apt-get install redis-server`")
+    (tmp / "redis").mkdir()
+    redis = RedisServer(redis_binary, tmp / "redis")
     accounts = tmp / "accounts.json"
     accounts.write_text(json.dumps([{"name": TEST_ACCOUNT, "user": "1000", "domain": "127.0.0.1",
                                      "password": "not-a-secret", "registrar": f"127.0.0.1:{free_port()}",
                                      "interval": 600}]))
-    worker = ServeProcess("--agent", "omniflatten", "--slots", "4", "--rtp-ports", "22000-22999",
-                          log_path=tmp / "worker.log")
-    bridge = ServeProcess("--agent", "echo", "--sip-accounts", str(accounts), "--rtp-ports", "23000-23999",
+    workers = [WorkerProcess("--worker-id", f"worker-{n}", "--slots", str(WORKER_SLOTS), "--device", "cpu",
+                             log_path=tmp / f"worker-{n}.log") for n in ("a", "b")]
+    bridge = ServeProcess("--agent", "omniflatten", "--sip-accounts", str(accounts), "--rtp-ports", "23000-23999",
                           log_path=tmp / "bridge.log")
     try:
+        redis.start()
+        for w in workers:
+            w.args += ["--redis", redis.url]
+        bridge.args += ["--engine", "redis", "--redis", redis.url]
+        for w in workers:
+            w.start(timeout=120)
         bridge.start()
-        worker.start(timeout=120)
-        for server in (worker, bridge):  # as the readiness probes do
+        for server in (*workers, bridge):  # as the readiness probes do
             assert http_json("GET", server.url + "/readyz")[0] == 200, server.log()
-        config = _test_config(f"127.0.0.1:{worker.http_port}", f"127.0.0.1:{bridge.http_port}")
+        config = _test_config([w.address for w in workers], f"127.0.0.1:{bridge.http_port}")
         with PrometheusProcess(config, tmp / "prometheus") as prom:
-            prom.wait_for(lambda: sum(t["health"] == "up" for t in prom.targets()) == 2, 30,
-                          "both duplexline targets scraped and up")
+            prom.wait_for(lambda: sum(t["health"] == "up" for t in prom.targets()) == 3, 30,
+                          "the workers and the bridge scraped and up")
             scraped_at = time.time()
             # Rules evaluated on scraped data: the test account's alert is pending by then.
             rules_before_call = prom.wait_for(lambda: _rules_seen(prom, scraped_at), 20,
                                               "every alert rule evaluated, DuplexlineSipRegistrationDown "
                                               "pending for the test account")
+            # A full worker refuses a session; the client's connection ends.
+            refused_reason = asyncio.run(_overfill(workers[0]))
+            prom.wait_for(lambda: _value(prom, "sum(duplexline_worker_refused_total)") >= 1, 15,
+                          "the refusal in a scrape")
+            prom.wait_for(lambda: _value(prom, "sum(duplexline_worker_bridges_lost_total)") >= 1, 15,
+                          "the client's ended connection in a scrape")
             with BaresipPeer(tmp, user="caller") as peer:
-                peer.dial(f"sip:agent@127.0.0.1:{worker.sip_port}")
+                peer.dial(f"sip:agent@127.0.0.1:{bridge.sip_port}")
                 peer.wait_event("CALL_ESTABLISHED", timeout=20)
-                # Scrapes during the call: it is live, and the model steps its chunks.
+                # Scrapes during the call: it is live, and the model steps its chunks on a worker.
                 prom.wait_for(lambda: _value(prom, 'sum(duplexline_calls_active{transport="sip"})') >= 1, 15,
                               "the live call in a scrape")
                 prom.wait_for(lambda: _value(prom, "sum(duplexline_agent_chunk_step_seconds_count)") >= 3, 30,
-                              f"the call's chunk steps in a scrape; worker log:\n{worker.log()}")
+                              f"the call's chunk steps in a scrape; bridge log:\n{bridge.log()}")
+                prom.wait_for(lambda: _value(prom, "sum(duplexline_worker_sessions)") >= 1, 15,
+                              "the call's session on a worker in a scrape")
+                [holder] = [w for w in workers if _sessions(w) == 1]
+                [other] = [w for w in workers if w is not holder]
+                holder.kill()  # SIGKILL: the bridge must notice and move the call
+                prom.wait_for(lambda: _value(prom, "sum(duplexline_agent_rehomes_total)") >= 1, 20,
+                              f"the call re-homed in a scrape; bridge log:\n{bridge.log()}")
+                steps = _value(prom, "sum(duplexline_agent_chunk_step_seconds_count)")
+                prom.wait_for(lambda: _value(prom, "sum(duplexline_agent_chunk_step_seconds_count)") >= steps + 3, 30,
+                              f"the call stepping on the other worker; bridge log:\n{bridge.log()}")
+                assert _sessions(other) == 1, other.log()
                 peer.hangup()
                 peer.wait_event("CALL_CLOSED", timeout=10)
             prom.wait_for(lambda: _value(prom, 'sum(duplexline_calls_total{transport="sip"})') >= 1, 15,
                           "the ended call in duplexline_calls_total")
             labels, values, jobs = _scraped(prom)
             yield {"prom": prom, "labels": labels, "values": values, "jobs": jobs,
-                   "rules_before_call": rules_before_call}
+                   "rules_before_call": rules_before_call, "refused_reason": refused_reason,
+                   "holder": holder.address, "other": other.address}
     finally:
-        worker.kill()
+        for w in workers:
+            w.kill()
         bridge.kill()
+        redis.kill()
 
 
 def test_every_metric_the_dashboard_and_alerts_use_is_scraped(scrape):
@@ -286,14 +359,36 @@ def test_every_metric_the_dashboard_and_alerts_use_is_scraped(scrape):
 
 
 def test_the_test_call_was_seen_by_prometheus(scrape):
-    """The scrapes saw a real SIP call: answered, live for a while, set up, stepped, ended."""
+    """The scrapes saw a real SIP call on the bridge: answered, live for a while, set up,
+    placed on a worker, stepped there, moved to the other worker when its first one died,
+    ended."""
     prom = scrape["prom"]
-    assert _value(prom, 'sum(duplexline_sip_invites_total{job="duplexline-worker", outcome="answered"})') == 1
-    assert _value(prom, 'max_over_time(duplexline_calls_active{job="duplexline-worker", transport="sip"}[5m])') == 1
+    bridge = 'job="duplexline-bridge"'
+    assert _value(prom, f'sum(duplexline_sip_invites_total{{{bridge}, outcome="answered"}})') == 1
+    assert _value(prom, f'max_over_time(duplexline_calls_active{{{bridge}, transport="sip"}}[5m])') == 1
     assert _value(prom, 'sum(duplexline_calls_active)') == 0
-    assert _value(prom, 'sum(duplexline_sip_call_setup_seconds_count{job="duplexline-worker"})') == 1
-    assert _value(prom, 'sum(duplexline_calls_total{job="duplexline-worker", transport="sip", outcome="completed"})') == 1
-    assert _value(prom, 'sum(duplexline_engine_step_duration_seconds_count{job="duplexline-worker"})') >= 1
+    assert _value(prom, f'sum(duplexline_sip_call_setup_seconds_count{{{bridge}}})') == 1
+    assert _value(prom, f'sum(duplexline_calls_total{{{bridge}, transport="sip", outcome="completed"}})') == 1
+    # The bridge placed the session (and placed it again after the loss) and measured the
+    # round trip; it lost one worker and re-homed one call.
+    assert _value(prom, f'sum(duplexline_engine_placements_total{{{bridge}, outcome="placed"}})') >= 2
+    assert _value(prom, f'sum(duplexline_engine_remote_rtt_seconds_count{{{bridge}}})') >= 1
+    assert _value(prom, f'sum(duplexline_engine_workers_lost_total{{{bridge}}})') == 1
+    assert _value(prom, f'sum(duplexline_agent_rehomes_total{{{bridge}}})') == 1
+    # The engine's work is on the workers, each under its own instance: the first until it
+    # died, then the other.
+    for address in (scrape["holder"], scrape["other"]):
+        worker = f'job="duplexline-worker", instance="{address}"'
+        assert _value(prom, f'max_over_time(duplexline_engine_step_duration_seconds_count{{{worker}}}[5m])') >= 1, address
+        assert _value(prom, f'max_over_time(duplexline_worker_sessions{{{worker}}}[5m])') == 1, address
+    assert _value(prom, 'sum(duplexline_engine_step_duration_seconds_count{job="duplexline-bridge"})') == 0
+    # The refusal, counted by the worker that refused (over time: it may be the one killed
+    # since), and the client's connection, counted as closed when it closed.
+    assert scrape["refused_reason"] in ("no_slot", "deadline")
+    refused = 'max_over_time(duplexline_worker_refused_total{job="duplexline-worker"}[5m])'
+    assert _value(prom, f"sum({refused})") == 1
+    assert _value(prom, f'count(sum by (reason) ({refused}) > 0)') == 1
+    assert _value(prom, 'sum(max_over_time(duplexline_worker_bridges_lost_total{how="closed"}[5m]))') >= 1
 
 
 def test_every_dashboard_query_parses_on_prometheus(scrape):
