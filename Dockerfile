@@ -71,9 +71,9 @@ ENV DUPLEXLINE_SIP_LISTEN=0.0.0.0:5060 \
 EXPOSE 5060/udp 5060/tcp 8080/tcp
 
 # /healthz answers once the model is loaded (the HTTP server starts after it): a large model
-# takes minutes, hence the long start period. Reads the port from the listen variable.
+# takes minutes, hence the long start period. A bridge's HTTP port or a worker's port.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=300s --retries=3 \
-    CMD python -c "import os, sys, urllib.request; ports = [os.environ.get(v, d).rpartition(':')[2] for v, d in (('DUPLEXLINE_HTTP_LISTEN', '0.0.0.0:8080'), ('DUPLEXLINE_WORKER_LISTEN', '127.0.0.1:7070'))]; sys.exit(0 if any(urllib.request.urlopen(f'http://127.0.0.1:{p}/healthz', timeout=2).status == 200 for p in ports if not __import__('socket').socket().connect_ex(('127.0.0.1', int(p)))) else 1)"
+    CMD python -m bridge.healthcheck
 
 # SIGTERM drains: new calls are refused (SIP 503 + Retry-After), live calls go on for up to
 # --drain-timeout seconds; give the container a longer stop timeout than that.
