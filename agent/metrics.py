@@ -11,6 +11,7 @@ __all__ = ["AgentMetrics"]
 TRANSPORTS = ("sip", "webrtc")
 CALL_OUTCOMES = ("completed", "refused_486", "refused_503", "refused_draining")
 FRAME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+REHOME_REASONS = ("worker-lost", "heartbeat", "draining", "error")  # model/worker_client.py
 LATENCY_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0)
 
 
@@ -61,6 +62,8 @@ class AgentMetrics:
                                "(worker-lost, heartbeat, draining)", ["reason"], **kw)
         self._registry = registry
         self._store_collector: _StoreCollector | None = None
+        for reason in REHOME_REASONS:
+            self.rehomes.labels(reason=reason)
         for t in TRANSPORTS:  # every series exists from the start: dashboards show 0, not "no data"
             self.active_calls.labels(transport=t)
             self.first_audio.labels(transport=t)
