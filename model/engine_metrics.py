@@ -23,6 +23,10 @@ class EngineMetrics:
         self.tokenizer_seconds = Histogram(
             "duplexline_engine_tokenizer_duration_seconds",
             "Time of one batched speech tokenizer pass (part of a tick)", buckets=STEP_BUCKETS, **kw)
+        self.decoder_seconds = Histogram(
+            "duplexline_engine_decoder_duration_seconds",
+            "Time of one session's speech decoder step (codes of one chunk to audio; beside the tick, "
+            "on the decoder's threads)", buckets=STEP_BUCKETS, **kw)
         self.batch_size = Histogram(
             "duplexline_engine_batch_size", "Sessions stepped together in one batch",
             buckets=BATCH_BUCKETS, **kw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -166,9 +167,15 @@ class LocalVoiceSession(VoiceSession):
         out = []
         for r in results:
             speech = np.asarray(r.speech_codes, dtype=np.int64)
-            pcm = await loop.run_in_executor(self._voice.pool, self._decoder.push, speech)
+            pcm = await loop.run_in_executor(self._voice.pool, self._decode_timed, speech)
             out.append(VoiceChunk(tuple(r.text_ids), tuple(r.speech_codes), pcm, r.dropped))
         return out
+
+    def _decode_timed(self, speech: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        pcm = self._decoder.push(speech)
+        self._voice.engine.metrics.decoder_seconds.observe(time.perf_counter() - t0)
+        return pcm
 
     def pause(self) -> None:
         self._session.pause()
