@@ -18,10 +18,12 @@ One push = one model chunk of codes (10: 200 ms at 50 Hz, 400 ms at 25 Hz). Per 
   256 samples = 93 ms; v2: 8 x 480 = 160 ms, as upstream's streaming).
 - **Silent speech** (code -1): a chunk of it ends the utterance: the held-back tail is
   played out with a fade, the rest is silence, and the next utterance starts afresh. Silent
-  codes inside a spoken chunk repeat the nearest spoken code and are muted with 5 ms ramps.
+  codes inside a spoken chunk repeat the nearest spoken code and are muted with 5 ms ramps
+  (the mute follows its samples through the hold-back).
 
-Each push returns exactly its codes' duration of audio, except the first of an utterance
-(short by the held-back tail) and the one that ends it (long by that tail).
+Each push returns exactly its codes' duration of audio: the first of an utterance starts
+with the held-back tail's length of silence (the latency the cross-fade costs, paid once,
+so that the playout never runs dry inside a turn).
 
 `steps` (Euler steps) and `guidance` (classifier-free guidance weight) are settings:
 bench/decoder.py measures cost against steps. Randomness (v1's flow noise, HiFT's noise)
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +187,10 @@ class CosyVoiceDecoder(SpeechDecoder):
         flow = load_flow(folder / "flow.pt", flow_config, device=device)
         hift = load_hift(folder / "hift.pt", hift_config, map_location=device)
         voice = _load_voice(folder / "voice.npz")
-        return cls(flow, hift.to(device), voice, settings or saved)
+        try:
+            return cls(flow, hift.to(device), voice, settings or saved)
+        except ValueError as exc:  # the flow's and HiFT's rates disagree
+            raise CheckpointError(meta_path, str(exc)) from None
 
 
 def _dataclass(cls: type, data: dict[str, Any]) -> Any:
@@ -213,7 +219,7 @@ def _load_voice(path: Path) -> Voice:
                           z["prompt_mel"].astype(np.float32))
     except FileNotFoundError:
         raise CheckpointError(path, "the voice file is missing") from None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(path, f"not a voice file (embedding, prompt_tokens, prompt_mel): {exc}") from None
     if voice.embedding.shape != (192,):
         raise CheckpointError(path, f"embedding has shape {voice.embedding.shape}, expected (192,)")
@@ -227,7 +233,7 @@ class CosyVoiceStream(DecoderStream):
 
     def __init__(self, decoder: CosyVoiceDecoder) -> None:
         self._d = decoder
-        self._generator = torch.Generator(device="cpu")
+        self._generator = torch.Generator(device=decoder.device)  # HiFT draws its noise on the model's device
         self.reset()
 
     def reset(self) -> None:
@@ -239,6 +245,7 @@ class CosyVoiceStream(DecoderStream):
         self._mel_tail: torch.Tensor | None = None  # last overlap frames of mel
         self._source_tail: torch.Tensor | None = None  # the source under them
         self._speech_tail = np.zeros(0, np.float32)  # held back for the next cross-fade
+        self._tail_gain = np.zeros(0, np.float32)  # the mute over the held mel tail's samples
 
     def push(self, codes: np.ndarray) -> np.ndarray:
         d = self._d
@@ -247,12 +254,15 @@ class CosyVoiceStream(DecoderStream):
         spoken = codes >= 0
         if not spoken.any():
             return self._end_utterance(n_samples)
+        first = self._mel_tail is None
         filled = _fill_silent(codes)
         with torch.inference_mode():
             mel = self._flow(filled)
-            speech = self._vocode(mel)
-        if not spoken.all():
-            speech *= _mute_envelope(spoken, len(speech), d.sample_rate)
+            hop = d.hift.config.samples_per_frame
+            envelope = None if spoken.all() else _mute_envelope(spoken, mel.shape[1] * hop, d.sample_rate)
+            speech = self._vocode(mel, envelope)
+        if first:  # the held-back tail's delay, as silence ahead of the utterance
+            speech = np.concatenate([np.zeros(d.settings.overlap_frames * hop, np.float32), speech])
         return speech
 
     def _flow(self, codes: np.ndarray) -> torch.Tensor:
@@ -278,7 +288,9 @@ class CosyVoiceStream(DecoderStream):
             self._mel = self._mel[:, :0]
         return mel
 
-    def _vocode(self, mel: torch.Tensor) -> np.ndarray:
+    def _vocode(self, mel: torch.Tensor, envelope: np.ndarray | None) -> np.ndarray:
+        """HiFT over the held mel tail and `mel`; `envelope` (None: all spoken) mutes the
+        new mel's samples, and goes on over the tail this push holds back."""
         d = self._d
         hop = d.hift.config.samples_per_frame
         overlap = d.settings.overlap_frames
@@ -287,6 +299,14 @@ class CosyVoiceStream(DecoderStream):
         cache = self._source_tail
         speech, source = d.hift(x[None].to(d.device, d.dtype), cache, stochastic=True, generator=self._generator)
         speech = speech[0].float().cpu().numpy().astype(np.float32)
+        # The repeated tail frames' samples were muted (or not) in the push that made them.
+        gain = np.ones(len(speech), np.float32)
+        if not first:
+            gain[:overlap * hop] = self._tail_gain
+        if envelope is not None:
+            gain[len(gain) - len(envelope):] = envelope
+        speech *= gain
+        self._tail_gain = gain[len(gain) - overlap * hop:].copy() if overlap else gain[:0]
         if overlap:
             self._mel_tail = x[:, -overlap:]
             self._source_tail = source[..., -overlap * hop:]
