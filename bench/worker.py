@@ -199,7 +199,7 @@ def serve_stand_in(port: int, event_loop: str, freeze: bool) -> int:
 
     async def run() -> None:
         server = WorkerServer(InstantVoiceStandIn(), CollectorRegistry(), worker_id="stand-in",
-                              model_id="stand-in", advertise=f"127.0.0.1:{port}")
+                              model_id="stand-in", advertise=f"127.0.0.1:{port}", gc_freeze=freeze)
         await server.start()
         runner = web.AppRunner(server.app, access_log=None)
         await runner.setup()
@@ -611,8 +611,9 @@ def main() -> int:
     ap.add_argument("--event-loop", default="asyncio", choices=["asyncio", "uvloop"],
                     help="every process's event loop (the worker's default is uvloop)")
     ap.add_argument("--gc-freeze", action="store_true",
-                    help="gc.freeze() after start-up in this process and the stand-in worker's (not the "
-                    "tiny model's worker): full collections then skip the ~190k objects of the imports")
+                    help="gc.freeze() after start-up in this process and the stand-in worker's (the tiny "
+                    "model's worker always freezes, as `duplexline worker` does): full collections then skip "
+                    "the ~190k objects of the imports")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--serve-stand-in", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -69,11 +68,6 @@ async def _run(settings: Settings) -> None:
     server = WorkerServer(voice, registry, worker_id=w.worker_id, model_id=settings.resolved_model_id,
                           advertise=w.address, placement=placement, drain_timeout=settings.drain_timeout)
     await server.start()
-    # The start-up heap (torch, the model: ~200k objects) leaves the collector's view: a
-    # full collection over it stalled the event loop 120-330 ms (bench/worker.py), longer
-    # than a bridge waits for a heartbeat.
-    gc.collect()
-    gc.freeze()
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     try:

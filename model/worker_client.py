@@ -247,6 +247,10 @@ class _Link:
             self._replies.pop(sid, None)
         if m["t"] == "refused":
             raise EngineFull(str(m.get("reason", "no_slot")), str(m.get("detail", "")))
+        if self.dead:
+            # Lost between the answer and now: its sessions were moved already, and this
+            # one would never be; the caller places it elsewhere.
+            raise ConnectionError(f"worker {self.address} lost")
         self.sessions[sid] = session
         session._attach(self, sid)
 
@@ -298,7 +302,14 @@ class _Link:
             async for msg in self.ws:
                 self._last_seen = time.monotonic()
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    self._control(parse_control(msg.data))
+                    message = parse_control(msg.data)
+                    try:
+                        self._control(message)
+                    except (KeyError, TypeError, ValueError) as exc:
+                        if isinstance(exc, ProtocolError):
+                            raise
+                        raise ProtocolError(f"a malformed {message['t']!r} message ({type(exc).__name__}: "
+                                            f"{exc})") from None
                 elif msg.type == aiohttp.WSMsgType.BINARY:
                     for sid, seq, chunks in unpack_results(msg.data):
                         session = self.sessions.get(sid)
@@ -321,9 +332,14 @@ class _Link:
             self.rtt = max(0.0, time.monotonic() - float(m.get("n") or 0.0))
             self.engine.metrics.rtt.observe(self.rtt)
         elif kind in ("opened", "refused", "aligned"):
-            reply = self._replies.pop(int(m["sid"]), None)
-            if reply is not None:
+            sid = int(m["sid"])
+            reply = self._replies.pop(sid, None)
+            if reply is not None and not reply.done():
                 resolve(reply, m)
+            elif kind == "opened" and sid not in self.sessions:
+                # Opened after this bridge gave up waiting (open_timeout): nobody will use
+                # it, so give its slot back rather than hold it until the connection ends.
+                self.send(control("close", sid=sid))
         elif kind == "closed":
             session = self.sessions.pop(int(m["sid"]), None)
             if session is not None and not session.closed:
@@ -334,8 +350,15 @@ class _Link:
     async def _ping(self) -> None:
         while not self.dead:
             if time.monotonic() - self._last_seen > self.engine.dead_after:
-                self._die("heartbeat")
-                return
+                # This loop may have been busy meanwhile: what arrived is read first (a few
+                # passes of the loop), so that silence means the worker sent nothing.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                if self.dead:
+                    return
+                if time.monotonic() - self._last_seen > self.engine.dead_after:
+                    self._die("heartbeat")
+                    return
             self.send(control("ping", n=time.monotonic()))
             await asyncio.sleep(self.engine.ping_every)  # the heartbeat's period, not a wait for an event
 

@@ -69,6 +69,8 @@ def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
     if got != kind:
         raise ProtocolError(f"binary message kind {got}, expected {kind}")
     end = _PREFIX.size + n
+    if end > len(data):
+        raise ProtocolError("a binary message's header length runs past its end")
     try:
         items = json.loads(bytes(data[_PREFIX.size:end]))["items"]
     except (ValueError, KeyError, TypeError):
@@ -76,6 +78,14 @@ def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
     if not isinstance(items, list) or len(items) > MAX_ITEMS:
         raise ProtocolError("a binary message's items are not a list of at most 4096")
     return items, memoryview(data)[end:]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ints(x: object) -> bool:
+    return isinstance(x, list) and all(_is_int(v) for v in x)
 
 
 def pack_audio(items: list[tuple[int, int, np.ndarray]]) -> bytes:
@@ -89,13 +99,12 @@ def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
     items, payload = _unpack(data, AUDIO)
     out, at = [], 0
     for item in items:
-        try:
-            sid, seq, n = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise ProtocolError("an audio item is not [sid, seq, samples]") from None
+        if not (_ints(item) and len(item) == 3):
+            raise ProtocolError("an audio item is not [sid, seq, samples]")
+        sid, seq, n = item
         if n < 0 or at + 2 * n > len(payload):
             raise ProtocolError("an audio item's samples run past the payload")
-        pcm = np.frombuffer(payload[at:at + 2 * n], dtype="<i2").astype(np.float32) * (1.0 / 32768.0)
+        pcm = np.frombuffer(payload[at:at + 2 * n], dtype="<i2").astype(np.float32) * np.float32(1.0 / 32768.0)
         out.append((sid, seq, pcm))
         at += 2 * n
     if at != len(payload):
@@ -115,19 +124,23 @@ def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
 def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
     items, payload = _unpack(data, RESULTS)
     out, at = [], 0
-    try:
-        for sid, seq, chunks in items:
-            got = []
-            for text_ids, speech_codes, dropped, n in chunks:
-                if n < 0 or at + 4 * n > len(payload):
-                    raise ProtocolError("a result's samples run past the payload")
-                pcm = np.frombuffer(payload[at:at + 4 * n], dtype="<f4").astype(np.float32)
-                at += 4 * n
-                got.append(VoiceChunk(tuple(int(t) for t in text_ids), tuple(int(c) for c in speech_codes),
-                                      pcm, bool(dropped)))
-            out.append((int(sid), int(seq), got))
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ProtocolError):
-            raise
-        raise ProtocolError("a results item is not [sid, seq, [[text, speech, dropped, samples], ...]]") from None
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and _is_int(item[0]) and _is_int(item[1])
+                and isinstance(item[2], list)):
+            raise ProtocolError("a results item is not [sid, seq, [[text, speech, dropped, samples], ...]]")
+        sid, seq, chunks = item
+        got = []
+        for chunk in chunks:
+            if not (isinstance(chunk, list) and len(chunk) == 4 and _ints(chunk[0]) and _ints(chunk[1])
+                    and isinstance(chunk[2], bool) and _is_int(chunk[3])):
+                raise ProtocolError("a result is not [text_ids, speech_codes, dropped, samples]")
+            text_ids, speech_codes, dropped, n = chunk
+            if n < 0 or at + 4 * n > len(payload):
+                raise ProtocolError("a result's samples run past the payload")
+            pcm = np.frombuffer(payload[at:at + 4 * n], dtype="<f4").astype(np.float32)
+            at += 4 * n
+            got.append(VoiceChunk(tuple(text_ids), tuple(speech_codes), pcm, dropped))
+        out.append((sid, seq, got))
+    if at != len(payload):
+        raise ProtocolError("a results message's payload is longer than its items")
     return out

@@ -19,6 +19,7 @@ connect over one WebSocket each and run their calls' sessions on this process's 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -35,6 +36,7 @@ __all__ = ["WorkerServer"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 8 << 20  # bytes: 256 sessions' 220 ms chunks are ~1.8 MB
+LEASE_STOP_TIMEOUT = 3.0  # seconds for a publish in flight to finish at close (a Redis round trip is 2 s at most)
 
 
 class WorkerMetrics:
@@ -51,7 +53,7 @@ class WorkerMetrics:
 class WorkerServer:
     def __init__(self, voice: LocalVoiceEngine, registry: CollectorRegistry, *, worker_id: str, model_id: str,
                  advertise: str, placement: WorkerRegistry | None = None, idle_timeout: float = 1.5,
-                 lease_refresh: float = 1.0, drain_timeout: float = 60.0) -> None:
+                 lease_refresh: float = 1.0, drain_timeout: float = 60.0, gc_freeze: bool = True) -> None:
         self.voice = voice
         self.engine = voice.engine
         self.registry = registry
@@ -62,10 +64,12 @@ class WorkerServer:
         self.idle_timeout = idle_timeout
         self.lease_refresh = lease_refresh
         self.drain_timeout = drain_timeout
+        self.gc_freeze = gc_freeze
         self.metrics = WorkerMetrics(registry)
         self.draining = False
         self._links: set[_Link] = set()
         self._changed = asyncio.Event()
+        self._closing = False
         self._tasks: list[asyncio.Task] = []
         self.app = web.Application()
         self.app.add_routes([web.get("/ws", self._ws), web.get("/metrics", self._metrics),
@@ -75,6 +79,14 @@ class WorkerServer:
 
     async def start(self) -> None:
         await self.voice.start()
+        # The start-up heap (torch, the model: ~400k objects) out of the garbage collector's
+        # view, as the bridge does (agent/agents.py): a full collection walks every tracked
+        # object holding the GIL, stalling the engine's tick and this event loop together
+        # (measured here: 0.2 s idle, up to 1 s on a busy machine); a stall past the
+        # bridges' heartbeat (0.5 s) has every bridge move every session away.
+        if self.gc_freeze:
+            gc.collect()
+            gc.freeze()
         if self.placement is not None:
             await self.placement.connect()
             await self._publish()
@@ -98,8 +110,15 @@ class WorkerServer:
             link.close_sessions("draining")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        # The lease loop ends after its publish in flight, not in the middle of it: a
+        # publish cancelled after its command was written can still reach Redis after the
+        # withdraw below (another connection), and bring this worker back for a lease.
+        self._closing = True
+        self._changed.set()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=LEASE_STOP_TIMEOUT)
+            for task in late:
+                task.cancel()
         for link in list(self._links):
             await link.close()
         if self.placement is not None:
@@ -124,11 +143,13 @@ class WorkerServer:
         await self.placement.publish(self.info())
 
     async def _lease(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._changed.wait(), self.lease_refresh)
             except asyncio.TimeoutError:
                 pass
+            if self._closing:
+                return
             self._changed.clear()
             try:
                 await self._publish()
@@ -213,7 +234,14 @@ class _Link:
                                 s.idle_timeout, len(self.sessions))
                     break
                 if msg.type == WSMsgType.TEXT:
-                    await self._control(parse_control(msg.data))
+                    message = parse_control(msg.data)
+                    try:
+                        await self._control(message)
+                    except (KeyError, TypeError, ValueError) as exc:
+                        if isinstance(exc, ProtocolError):
+                            raise
+                        raise ProtocolError(f"a malformed {message['t']!r} message ({type(exc).__name__}: "
+                                            f"{exc})") from None
                 elif msg.type == WSMsgType.BINARY:
                     self._audio(msg.data)
                 else:

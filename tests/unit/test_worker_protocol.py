@@ -1,0 +1,186 @@
+"""The bridge-worker protocol's messages (model/worker_protocol.py, docs/worker.md): what is
+packed is what is unpacked (callers' audio, which came from int16 frames, sample for
+sample; the decoder's float32 audio bit for bit), and every malformed message raises
+ProtocolError (the connection is closed), never another exception or a wrong value."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from model.voice import VoiceChunk
+from model.worker_protocol import (AUDIO, MAX_ITEMS, RESULTS, VERSION, ProtocolError, control, pack_audio,
+                                   pack_results, parse_control, unpack_audio, unpack_results)
+
+PREFIX = struct.Struct("<2sBBI")
+
+
+def frames_audio(samples: np.ndarray) -> np.ndarray:
+    """What the agent hands a session: int16 frames times 1/32768, float32."""
+    return samples.astype(np.int16) * np.float32(1.0 / 32768.0)
+
+
+def raw(kind: int, header, payload: bytes = b"", *, magic: bytes = b"DL", version: int = VERSION,
+        head_len: int | None = None) -> bytes:
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return PREFIX.pack(magic, version, kind, len(head) if head_len is None else head_len) + head + payload
+
+
+# ---- round trips -----------------------------------------------------------------------------------
+
+
+def test_audio_round_trip_is_exact_for_every_int16_value():
+    every = np.arange(-32768, 32768, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    items = [(1, 7, frames_audio(every)),
+             (42, 1, frames_audio(rng.integers(-32768, 32768, 3520))),  # a first chunk (with look-ahead)
+             (3, 99, frames_audio(np.zeros(0))),  # nothing: allowed
+             (2**31, 2**40, frames_audio(np.array([-32768, 32767, 0, 1, -1])))]
+    back = unpack_audio(pack_audio(items))
+    assert [(sid, seq) for sid, seq, _ in back] == [(sid, seq) for sid, seq, _ in items]
+    for (_, _, sent), (_, _, got) in zip(items, back):
+        assert got.dtype == np.float32
+        assert got.shape == sent.shape
+        assert np.array_equal(got.view(np.int32), sent.view(np.int32)), "not bit-exact"
+        assert np.array_equal(np.round(got * 32768).astype(np.int64), np.round(sent * 32768).astype(np.int64))
+
+
+def test_audio_out_of_range_is_clipped_not_wrapped():
+    (_, _, got), = unpack_audio(pack_audio([(1, 1, np.array([1.5, -1.5, 1.0, -1.0], np.float32))]))
+    assert got.tolist() == [32767 / 32768, -1.0, 32767 / 32768, -1.0]
+
+
+def test_empty_audio_message_round_trips():
+    assert unpack_audio(pack_audio([])) == []
+    assert unpack_results(pack_results([])) == []
+
+
+def test_results_round_trip_bit_exact():
+    rng = np.random.default_rng(1)
+    weird = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, np.finfo(np.float32).max, -1.0], np.float32)
+    chunks_a = [VoiceChunk((5, 6, 7), (100, -1, 4095, 0), rng.standard_normal(4800).astype(np.float32)),
+                VoiceChunk((0,), (-1, -1), weird, dropped=True)]
+    chunks_b = [VoiceChunk((), (), np.zeros(0, np.float32))]
+    items = [(3, 10, chunks_a), (4, 11, chunks_b), (5, 12, [])]
+    back = unpack_results(pack_results(items))
+    assert [(sid, seq, len(c)) for sid, seq, c in back] == [(3, 10, 2), (4, 11, 1), (5, 12, 0)]
+    for (_, _, sent), (_, _, got) in zip(items, back):
+        for s, g in zip(sent, got):
+            assert g.text_ids == s.text_ids and g.speech_codes == s.speech_codes and g.dropped == s.dropped
+            assert all(type(t) is int for t in g.text_ids + g.speech_codes)
+            assert g.pcm.dtype == np.float32 and g.pcm.shape == s.pcm.shape
+            assert g.pcm.tobytes() == s.pcm.tobytes(), "not bit-exact"
+
+
+def test_control_round_trip():
+    text = control("align", sid=3, age=0.125, frame=0.02)
+    assert parse_control(text) == {"t": "align", "sid": 3, "age": 0.125, "frame": 0.02}
+
+
+# ---- malformed messages ----------------------------------------------------------------------------
+
+GOOD_AUDIO = pack_audio([(1, 1, frames_audio(np.arange(10)))])
+GOOD_RESULTS = pack_results([(1, 1, [VoiceChunk((1,), (2,), np.ones(4, np.float32))])])
+
+
+@pytest.mark.parametrize("unpack, good", [(unpack_audio, GOOD_AUDIO), (unpack_results, GOOD_RESULTS)],
+                         ids=["audio", "results"])
+class TestMalformedBinary:
+    def test_good_message_parses(self, unpack, good):
+        assert len(unpack(good)) == 1
+
+    def test_wrong_magic(self, unpack, good):
+        with pytest.raises(ProtocolError, match="prefix"):
+            unpack(b"XL" + good[2:])
+
+    def test_wrong_version(self, unpack, good):
+        for version in (0, VERSION + 1, 255):
+            with pytest.raises(ProtocolError, match="version"):
+                unpack(good[:2] + bytes([version]) + good[3:])
+
+    def test_wrong_kind(self, unpack, good):
+        other = RESULTS if unpack is unpack_audio else AUDIO
+        for kind in (other, 0, 3, 255):
+            with pytest.raises(ProtocolError, match="kind"):
+                unpack(good[:3] + bytes([kind]) + good[4:])
+
+    def test_shorter_than_prefix(self, unpack, good):
+        for n in range(PREFIX.size):
+            with pytest.raises(ProtocolError):
+                unpack(good[:n])
+
+    def test_header_not_json(self, unpack, good):
+        kind = AUDIO if unpack is unpack_audio else RESULTS
+        for header in (b"not json", b"\xff\xfe{}", b"", b'{"items": [1, 2', b"[]", b'"items"', b"{}", b"null",
+                       b'{"items": {"a": 1}}', b'{"items": 7}'):
+            with pytest.raises(ProtocolError):
+                unpack(raw(kind, header))
+
+    def test_header_length_past_the_message(self, unpack, good):
+        n = PREFIX.unpack_from(good)[3]
+        body = good[PREFIX.size:]
+        for extra in (1, 100, 2**32 - 1 - n):
+            with pytest.raises(ProtocolError):
+                unpack(good[:4] + struct.pack("<I", n + extra) + body)
+
+    def test_header_length_past_the_message_with_an_empty_payload(self, unpack, good):
+        # The header alone is valid JSON: a length past the end must still be refused.
+        kind = AUDIO if unpack is unpack_audio else RESULTS
+        head = b'{"items":[]}'
+        with pytest.raises(ProtocolError):
+            unpack(raw(kind, head, head_len=len(head) + 8))
+
+    def test_samples_past_the_payload(self, unpack, good):
+        with pytest.raises(ProtocolError, match="past"):
+            unpack(good[:-1])
+        with pytest.raises(ProtocolError, match="past"):
+            unpack(good[:-4])
+
+    def test_trailing_bytes(self, unpack, good):
+        for extra in (b"\x00", b"\x00" * 4, b"junk" * 100):
+            with pytest.raises(ProtocolError):
+                unpack(good + extra)
+
+    def test_too_many_items(self, unpack, good):
+        kind = AUDIO if unpack is unpack_audio else RESULTS
+        item = [1, 1, 0] if unpack is unpack_audio else [1, 1, []]
+        assert len(unpack(raw(kind, {"items": [item] * MAX_ITEMS}))) == MAX_ITEMS
+        with pytest.raises(ProtocolError, match="items"):
+            unpack(raw(kind, {"items": [item] * (MAX_ITEMS + 1)}))
+
+
+@pytest.mark.parametrize("item", [[1, 1], [1, 1, 2, 3], [1, "x", 0], 7, None, {"sid": 1}, "123", [1, 1, -1],
+                                  [1, 1, None], [1.5, 1, 0], [1, 1, 0.5], [1, 1, 2.0], [True, 1, 0], [1, 1, True],
+                                  ["1", 1, 0], [1, [1], 0]])
+def test_bad_audio_item(item):
+    # Whatever the payload (none, or as long as a loose reading of the item would want),
+    # a malformed item is refused, never read as something else.
+    loose = 2 * int(item[2]) if isinstance(item, list) and len(item) == 3 and isinstance(item[2], (int, float)) \
+        and item[2] >= 0 else 6
+    for payload in (b"", b"\x00" * loose):
+        with pytest.raises(ProtocolError):
+            unpack_audio(raw(AUDIO, {"items": [item]}, payload))
+
+
+@pytest.mark.parametrize("item", [
+    [1, 1], [1, 1, [], 4], 7, None, "abc", [1, 1, 5], [1, 1, [5]], [1, 1, [[[1], [2], False]]],
+    [1, 1, [[[1], [2], False, -1]]], [1, 1, [[[1], [2], False, "4"]]], [1, 1, [[[1], [2], False, 1.5]]],
+    [1, 1, [[1, [2], False, 1]]], [1, 1, [[["a"], [2], False, 1]]], [1, 1, [[[1], [2.5], False, 1]]],
+    [1, 1, [[[1], [2], "yes", 1]]], [1, 1, [[[1], [2], 0, 1]]], ["1", 1, []], [1, None, []], [True, 1, []],
+    [1, 1, [[[1], [2], False, 1]], 9], [1, 1, [[[1], [2], False, True]]], [1, 1, [[[True], [2], False, 1]]],
+    [1, 1, [[[1], 2, False, 1]]], [1, 1, [["12", [2], False, 1]]], [1, 1, [[[1], [2], False, 1, 0]]],
+])
+def test_bad_results_item(item):
+    for payload in (b"", b"\x00" * 4):
+        with pytest.raises(ProtocolError):
+            unpack_results(raw(RESULTS, {"items": [item]}, payload))
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[]", '"ping"', "7", '{"sid": 1}', '{"t": 3}', '{"t": null}',
+                                  "\ud800"])
+def test_bad_control(text):
+    with pytest.raises(ProtocolError):
+        parse_control(text)
