@@ -119,34 +119,41 @@ class EngineStats:
 class StepCosts:
     """Measured seconds of one batched pass by batch size (an EWMA per size), and a
     projection for sizes not measured: linear between measured neighbours, scaled linearly
-    up from the largest smaller one (pessimistic on a GPU, where batching is nearly free)."""
+    up from the largest smaller one (pessimistic on a GPU, where batching is nearly free).
 
-    def __init__(self, alpha: float = 0.2) -> None:
+    A size's figure is only refreshed by passes of that size, and admission keeps the
+    engine from reaching a size it believes too slow: so a figure older than `max_age`
+    seconds is forgotten (its size is projected from fresher ones, or admitted without
+    data), or one slow warm-up on a busy machine would refuse that size for ever."""
+
+    def __init__(self, alpha: float = 0.2, max_age: float = 30.0) -> None:
         self.alpha = alpha
-        self._sizes: list[int] = []
+        self.max_age = max_age
         self._seconds: dict[int, float] = {}
+        self._when: dict[int, float] = {}
 
     def record(self, size: int, seconds: float) -> None:
         old = self._seconds.get(size)
-        if old is None:
-            bisect.insort(self._sizes, size)
-            self._seconds[size] = seconds
-        else:
-            self._seconds[size] = (1 - self.alpha) * old + self.alpha * seconds
+        self._seconds[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self._when[size] = time.monotonic()
 
     def project(self, size: int) -> float | None:
+        now = time.monotonic()
+        for stale in [b for b, t in self._when.items() if now - t > self.max_age]:
+            del self._seconds[stale], self._when[stale]
         if size in self._seconds:
             return self._seconds[size]
-        if not self._sizes:
+        sizes = sorted(self._seconds)
+        if not sizes:
             return None
-        i = bisect.bisect_left(self._sizes, size)
-        if i == len(self._sizes):
-            b = self._sizes[-1]
+        i = bisect.bisect_left(sizes, size)
+        if i == len(sizes):
+            b = sizes[-1]
             return self._seconds[b] * size / b
-        hi = self._sizes[i]
+        hi = sizes[i]
         if i == 0:
             return self._seconds[hi]
-        lo = self._sizes[i - 1]
+        lo = sizes[i - 1]
         w = (size - lo) / (hi - lo)
         return (1 - w) * self._seconds[lo] + w * self._seconds[hi]
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from agent.session import FrameClock
 from model.checkpoint import build_model, tiny_config
 from model.engine import Engine, StepCosts
+from model.errors import EngineFull
 from model.omniflatten import OmniFlattenSession
 from model.s3_tokenizer import S3Config, S3Tokenizer
 
@@ -181,6 +182,23 @@ def test_warm_up_measures_several_batch_sizes_before_the_first_call(model, caplo
         assert engine.stats().steps == 0  # the warm-up is not counted as serving
     finally:
         engine.close()
+
+
+def test_a_stale_slow_figure_does_not_refuse_its_size_for_ever(model, monkeypatch):
+    """Admission keeps the engine from a size it measured too slow, so no pass of that
+    size ever refreshes the figure: one slow warm-up on a busy machine refused every call
+    to a worker for good. A figure older than max_age is forgotten."""
+    now = [1000.0]
+    monkeypatch.setattr("model.engine.time.monotonic", lambda: now[0])
+    engine = Engine(model, slots=2, registry=CollectorRegistry())
+    engine.llm_costs.record(1, 10 * engine.period)  # a warm-up under a CPU spike
+    with pytest.raises(EngineFull) as refused:
+        engine.open_session()
+    assert refused.value.reason == "deadline"
+    now[0] += engine.llm_costs.max_age + 1
+    session = engine.open_session()  # forgotten: admitted without data, as before any warm-up
+    assert engine.stats().open_sessions == 1
+    session.close()
 
 
 def test_step_costs_project_from_measured_rows():
