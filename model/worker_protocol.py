@@ -89,10 +89,12 @@ def _ints(x: object) -> bool:
 
 
 def pack_audio(items: list[tuple[int, int, np.ndarray]]) -> bytes:
-    """(sid, seq, float32 audio in [-1, 1] from int16 frames) per session."""
-    pcm = [np.clip(np.round(a * 32768.0), -32768, 32767).astype("<i2") for _, _, a in items]
-    header = {"items": [[sid, seq, len(p)] for (sid, seq, _), p in zip(items, pcm)]}
-    return _pack(AUDIO, header, b"".join(p.tobytes() for p in pcm))
+    """(sid, seq, float32 audio in [-1, 1] from int16 frames) per session. One conversion
+    over every session's audio at once: per-session numpy calls cost more than the data."""
+    header = {"items": [[sid, seq, len(a)] for sid, seq, a in items]}
+    audio = np.concatenate([a for _, _, a in items]) if items else np.zeros(0, np.float32)
+    pcm = np.clip(np.round(audio * np.float32(32768.0)), -32768, 32767).astype("<i2")
+    return _pack(AUDIO, header, pcm.tobytes())
 
 
 def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
@@ -104,12 +106,13 @@ def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
         sid, seq, n = item
         if n < 0 or at + 2 * n > len(payload):
             raise ProtocolError("an audio item's samples run past the payload")
-        pcm = np.frombuffer(payload[at:at + 2 * n], dtype="<i2").astype(np.float32) * np.float32(1.0 / 32768.0)
-        out.append((sid, seq, pcm))
+        out.append((sid, seq, at // 2, n))
         at += 2 * n
     if at != len(payload):
         raise ProtocolError("an audio message's payload is longer than its items")
-    return out
+    # One conversion for the whole message; each session gets its own slice of it.
+    audio = np.frombuffer(payload, dtype="<i2").astype(np.float32) * np.float32(1.0 / 32768.0)
+    return [(sid, seq, audio[start:start + n]) for sid, seq, start, n in out]
 
 
 def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
@@ -117,8 +120,8 @@ def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
     for sid, seq, chunks in items:
         header.append([sid, seq, [[list(c.text_ids), list(c.speech_codes), bool(c.dropped), len(c.pcm)]
                                   for c in chunks]])
-        pcm += [np.asarray(c.pcm, dtype="<f4").tobytes() for c in chunks]
-    return _pack(RESULTS, {"items": header}, b"".join(pcm))
+        pcm += [np.asarray(c.pcm, dtype="<f4") for c in chunks]
+    return _pack(RESULTS, {"items": header}, np.concatenate(pcm).tobytes() if pcm else b"")
 
 
 def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
@@ -137,10 +140,12 @@ def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
             text_ids, speech_codes, dropped, n = chunk
             if n < 0 or at + 4 * n > len(payload):
                 raise ProtocolError("a result's samples run past the payload")
-            pcm = np.frombuffer(payload[at:at + 4 * n], dtype="<f4").astype(np.float32)
+            got.append((tuple(text_ids), tuple(speech_codes), dropped, at // 4, n))
             at += 4 * n
-            got.append(VoiceChunk(tuple(text_ids), tuple(speech_codes), pcm, dropped))
         out.append((sid, seq, got))
     if at != len(payload):
         raise ProtocolError("a results message's payload is longer than its items")
-    return out
+    # One copy of the whole message's audio (writable, native float32); each chunk a slice.
+    audio = np.frombuffer(payload, dtype="<f4").astype(np.float32)
+    return [(sid, seq, [VoiceChunk(text, speech, audio[start:start + n], dropped)
+                        for text, speech, dropped, start, n in got]) for sid, seq, got in out]
