@@ -70,13 +70,42 @@ class RemoteVoiceEngine(VoiceEngine):
         self._connecting: dict[str, asyncio.Future] = {}
         self._http: aiohttp.ClientSession | None = None
         self._draining = False
+        self._workers_known = 0
+        self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession()
         if self.placement is not None:
             await self.placement.connect()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_workers(), name="worker-watch")
+
+    @property
+    def ready(self) -> bool:
+        """/readyz: some worker could take a call (the registry lists one serving this
+        model, not draining; or a fixed worker answers), as of the last second."""
+        return self._workers_known > 0
+
+    async def _watch_workers(self) -> None:
+        while True:
+            if self.placement is not None:
+                try:
+                    self._workers_known = len(await self.placement.workers(self.model_id))
+                except RegistryUnavailable:
+                    self._workers_known = 0
+            else:
+                known = 0
+                for url in self.urls:
+                    try:
+                        await self._link(url)
+                        known += 1
+                    except (OSError, aiohttp.ClientError, asyncio.TimeoutError, ProtocolError):
+                        pass
+                self._workers_known = known
+            await asyncio.sleep(1.0)  # the view's refresh period, not a wait for an event
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for link in list(self._links.values()):
             await link.close()
         if self._http is not None:
@@ -88,7 +117,7 @@ class RemoteVoiceEngine(VoiceEngine):
         self._draining = True
 
     def describe(self) -> dict:
-        return {"engine": "remote", "workers": {a: {"worker_id": link.worker_id, "sessions": len(link.sessions),
+        return {"engine": "remote", "workers_available": self._workers_known, "workers": {a: {"worker_id": link.worker_id, "sessions": len(link.sessions),
                                                     "rtt_ms": round(link.rtt * 1000, 2)}
                                                 for a, link in self._links.items()}}
 

@@ -20,6 +20,7 @@ every test starts and ends with no live calls except where it says so.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -214,7 +215,9 @@ def test_a_two_calls_land_one_on_each_worker(cluster):
     p2, c2 = cluster.call("spread2")
     assert cluster.worker_of(c2) != first, "the second call went to the worker that had less room"
     assert cluster.sessions() == {"wa": 1, "wb": 1}
-    workers = cluster.bridge.get("/readyz")[1]["workers"]
+    status, ready = cluster.bridge.get("/readyz")
+    assert status == 200 and ready["ready"] and ready["workers_available"] == 2, ready
+    workers = ready["workers"]
     assert sorted((v["worker_id"], v["sessions"]) for v in workers.values()) == [("wa", 1), ("wb", 1)]
     for peer in (p1, p2):
         cluster.hang_up(peer)
@@ -430,3 +433,26 @@ def test_d_kill9_of_the_bridge_frees_its_slots_within_two_seconds(cluster):
         peer.proc.kill()
         peer.proc.wait(timeout=10)
         peer.stop()
+
+
+# ---- g. a bridge no worker can serve -----------------------------------------------------------------
+
+
+def test_g_a_bridge_with_no_worker_for_its_model_is_not_ready_and_refuses(cluster, workdir):
+    """The registry lists workers, none serving this bridge's model: /readyz says not ready
+    (a load balancer sends calls elsewhere) and a call gets 486, never an answered silence."""
+    bridge = BridgeProcess("--agent", "omniflatten", "--engine", "redis", "--redis", cluster.redis.url,
+                           "--model-id", "no-such-model", "--rtp-ports", "29500-29599", workdir=workdir)
+    try:
+        bridge.start()
+        status, ready = bridge.get("/readyz")
+        assert status == 503 and not ready["ready"] and ready["workers_available"] == 0, ready
+        peer = BaresipPeer(workdir, user="nomodel").start()
+        try:
+            peer.dial(f"sip:assistant@127.0.0.1:{bridge.sip_port}")
+            event = peer.wait_event("CALL_CLOSED", "CALL_ESTABLISHED", timeout=15)
+            assert event["type"] == "CALL_CLOSED" and "486" in json.dumps(event), event
+        finally:
+            peer.stop()
+    finally:
+        bridge.kill()
