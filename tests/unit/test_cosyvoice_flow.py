@@ -1,6 +1,6 @@
 """CosyVoice flow decoder (v1 and v2) against upstream's reference fixtures.
 
-/work/shared/reference/cosyvoice holds the official tensor inventories (names, shapes,
+The reference fixtures (tests/unit/cosyvoice_reference.py) hold the official tensor inventories (names, shapes,
 dtypes of the released `flow.pt` layouts), small random-weight state dicts built by the
 upstream classes, and upstream's outputs on fixed inputs. Bounds are the README's
 suggested ones: the float32 rounding scale measured against a float64 run of upstream."""
@@ -21,10 +21,12 @@ from model.cosyvoice_estimator import EstimatorConfig
 from model.cosyvoice_flow import CosyVoiceFlow, FlowConfig, euler_schedule, load_flow
 from model.errors import CheckpointError, ConfigInvalid
 
-REF = Path("/work/shared/reference/cosyvoice")
+from .cosyvoice_reference import REF, needs_ref
+
+
 VERSIONS = ("v1", "v2")
 
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason="CosyVoice reference fixtures not present")
+pytestmark = needs_ref
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""CosyVoice's HiFT vocoder against upstream's own outputs (/work/shared/reference/cosyvoice).
+"""CosyVoice's HiFT vocoder against upstream's own outputs (tests/unit/cosyvoice_reference.py).
 
 The fixtures were made by running the upstream classes on small random-weight builds with
 the noise and random phases zero: layouts at the official sizes (`inventory-vN.json`), the
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,13 +23,11 @@ import torch
 from model.cosyvoice_hift import HiFTConfig, HiFTGenerator, hift_state_from_checkpoint, load_hift
 from model.errors import CheckpointError, ConfigInvalid
 
-REF = Path(os.environ.get("DUPLEXLINE_COSYVOICE_REFERENCE",
-                          Path(__file__).resolve().parents[3] / "shared" / "reference" / "cosyvoice"))
+from .cosyvoice_reference import REF, needs_ref
+
 VERSIONS = ("v1", "v2")
 OFFICIAL = {"v1": HiFTConfig.official_v1, "v2": HiFTConfig.official_v2}
 STREAM_CACHE = 3840  # v2 source_cache_len: samples cached and cross-faded between chunks
-
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"no CosyVoice reference fixtures at {REF}")
 
 
 @pytest.fixture(autouse=True, scope="module")
