@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from .cosyvoice_encoder import ConformerEncoder, EncoderConfig, LengthRegulator
 from .cosyvoice_estimator import EstimatorConfig, FlowEstimator
-from .errors import CheckpointError, ConfigInvalid
+from .errors import ConfigInvalid
+from .state_dicts import check_state, read_state_file
 
 __all__ = ["FlowConfig", "FlowInputs", "FlowMatching", "CosyVoiceFlow", "euler_schedule", "load_flow"]
 
@@ -453,47 +454,12 @@ def load_flow(path: str | os.PathLike, config: FlowConfig, *, device: torch.devi
     model built from `config`, strictly. Raises CheckpointError naming the file for a
     missing, unreadable or corrupt file and for any missing, extra or misshapen key."""
     path = Path(path)
-    state = _read_state_file(path)
+    state = read_state_file(path)
     return CosyVoiceFlow.from_state_dict(state, config, source=path, device=device)
 
 
-def _read_state_file(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated zip, a pickle with foreign objects, garbage: all refused
-        raise CheckpointError(path, f"cannot read the state dict ({type(exc).__name__}: {exc})") from exc
-    if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
-        state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}} wrappers
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise CheckpointError(path, "expected a flat mapping of parameter names to tensors")
-    return state
-
-
 def _check_state(model: CosyVoiceFlow, state: Mapping[str, Tensor], source: object) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = sorted(k for k in state if k not in expected)
-    wrong = [f"{k} is {tuple(state[k].shape)}, expected {expected[k]}"
-             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    not_float = sorted(k for k in expected if k in state and not state[k].dtype.is_floating_point)
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_few(wrong)}")
-    if not_float:
-        problems.append(f"not floating point: {_few(not_float)}")
-    if problems:
-        c = model.config
-        raise CheckpointError(source, "; ".join(problems) + f" (for a {c.version} flow: vocab {c.vocab_size}, "
-                              f"encoder width {c.encoder.output_size} x {c.encoder.num_blocks} blocks, "
-                              f"estimator channels {list(c.estimator.channels)})")
-
-
-def _few(items: list[str], limit: int = 4) -> str:
-    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    c = model.config
+    check_state(model, state, source, f"a {c.version} flow: vocab {c.vocab_size}, encoder width "
+                f"{c.encoder.output_size} x {c.encoder.num_blocks} blocks, estimator channels "
+                f"{list(c.estimator.channels)}", floats_only=True)

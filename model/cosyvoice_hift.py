@@ -46,6 +46,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .cosyvoice_f0 import SINE_GENERATORS, F0Predictor, HarmonicSource
 from .errors import CheckpointError, ConfigInvalid
+from .state_dicts import check_state, read_state_file
 
 __all__ = ["HiFTConfig", "HiFTGenerator", "load_hift", "hift_state_from_checkpoint"]
 
@@ -341,15 +342,7 @@ def load_hift(path: str | os.PathLike, config: HiFTConfig, *, map_location: str 
     weights_only=True), in eval mode. Every missing, unexpected or mis-shaped key raises
     CheckpointError naming the file, the key and both shapes; so does an unreadable file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, foreign object: each fails its own way
-        raise CheckpointError(path, f"cannot read the HiFT state dict ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                 for k, v in state.items()):
-        raise CheckpointError(path, "expected a flat mapping of parameter names to tensors")
+    state = read_state_file(path, map_location)
     try:
         state = hift_state_from_checkpoint(state)
     except KeyError as exc:
@@ -361,28 +354,6 @@ def load_hift(path: str | os.PathLike, config: HiFTConfig, *, map_location: str 
 
 
 def _check_state(model: HiFTGenerator, state: Mapping[str, Tensor], path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} is {tuple(state[k].shape)}, expected {expected[k]}"
-             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    not_float = [f"{k} is {state[k].dtype}" for k in expected if k in state and not state[k].is_floating_point()]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_few(wrong)}")
-    if not_float:
-        problems.append(f"not floating point: {_few(not_float)}")
-    if problems:
-        c = model.config
-        raise CheckpointError(path, "; ".join(problems) + f" (for HiFT {c.sample_rate} Hz, base_channels="
-                              f"{c.base_channels}, upsample_rates={list(c.upsample_rates)}, "
-                              f"f0_channels={c.f0_channels})")
-
-
-def _few(items: list[str], limit: int = 4) -> str:
-    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    c = model.config
+    check_state(model, state, path, f"HiFT {c.sample_rate} Hz, base_channels={c.base_channels}, upsample_rates="
+                f"{list(c.upsample_rates)}, f0_channels={c.f0_channels}", floats_only=True)

@@ -51,6 +51,7 @@ from .codec import SpeechTokenizer
 from .errors import CheckpointError, ConfigInvalid
 from .s3_frontend import LogMel, n_frames
 from .s3_stream import S3TokenizerStream
+from .state_dicts import check_state, read_state_file
 from .s3_stream import push_many as _push_many
 
 __all__ = [
@@ -530,7 +531,8 @@ class S3Tokenizer(SpeechTokenizer):
         """From a `.pt`/`.pth`/`.bin` (torch.load, weights only) or `.safetensors` state dict,
         e.g. what upstream's `onnx2torch` writes."""
         path = Path(path)
-        state = _read_state_file(path)
+        _require_file(path)
+        state = read_state_file(path)
         return cls.from_state_dict(state, config, source=path, device=device, dtype=dtype)
 
     @classmethod
@@ -667,47 +669,10 @@ def _read_config(path: Path) -> S3Config:
     return S3Config.from_dict(data["config"], source=str(path))
 
 
-def _read_state_file(path: Path) -> dict[str, Tensor]:
-    _require_file(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # every reader fails differently on a truncated file
-        raise CheckpointError(path, f"cannot read the state dict ({type(exc).__name__}: {exc})") from exc
-    if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
-        state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}} wrappers
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(path, "expected a flat mapping of parameter names to tensors")
-    return state
-
-
 def _check_state(model: S3Model, state: Mapping[str, Tensor], source: object) -> None:
-    """Name every missing, unexpected or mis-shaped key before torch's terser message."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} is {tuple(state[k].shape)}, expected {expected[k]}"
-             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_few(wrong)}")
-    if problems:
-        c = model.config
-        raise CheckpointError(source, "; ".join(problems) + f" (for n_mels={c.n_mels} width={c.width} "
-                              f"layers={c.layers} codebook_size={c.codebook_size})")
-
-
-def _few(items: list[str], limit: int = 4) -> str:
-    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    c = model.config
+    check_state(model, state, source, f"n_mels={c.n_mels} width={c.width} layers={c.layers} "
+                f"codebook_size={c.codebook_size}")
 
 
 # --------------------------------------------------------------------------- ONNX
