@@ -35,12 +35,7 @@ CHUNK = 10  # codes per push: one model chunk
 FAST = DecoderSettings(steps=2)  # fewer Euler steps where the test is not about the solver
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def chunks(decoder: CosyVoiceDecoder, n: int, seed: int = 1) -> list[np.ndarray]:

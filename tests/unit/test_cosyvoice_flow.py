@@ -26,16 +26,9 @@ from .cosyvoice_reference import REF, needs_ref
 
 VERSIONS = ("v1", "v2")
 
-pytestmark = needs_ref
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a busy two-core box spin-wait for milliseconds per tiny op.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [needs_ref, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def small_section(version: str) -> dict:

@@ -30,12 +30,7 @@ OFFICIAL = {"v1": HiFTConfig.official_v1, "v2": HiFTConfig.official_v2}
 STREAM_CACHE = 3840  # v2 source_cache_len: samples cached and cross-faded between chunks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(version: str) -> HiFTConfig:

@@ -21,13 +21,7 @@ SR = 16000
 TINY = dict(width=64, heads=4, layers=2, codebook_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a busy two-core box spin-wait for milliseconds per tiny op.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw) -> S3Config:

@@ -14,7 +14,9 @@ import torch
 
 from model.s3_tokenizer import LEGACY_STREAMING, S3Config, S3Tokenizer
 
-from .test_s3_tokenizer import SR, _one_thread, speechlike, tiny  # noqa: F401  (_one_thread: an autouse fixture)
+from .test_s3_tokenizer import SR, speechlike, tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def stream_codes(tok: S3Tokenizer, x: np.ndarray, frame: int = 320) -> np.ndarray:
     stream = tok.new_stream()
