@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from .errors import EngineFull, StaleSession
 from .futures import fail, resolve
 from .voice import Rehomed, VoiceEngine, VoiceSession
-from .worker_protocol import (VERSION, ProtocolError, control, pack_audio, parse_control, unpack_results)
+from .worker_protocol import VERSION, PerPass, ProtocolError, control, pack_audio, parse_control, unpack_results
 from .worker_registry import RegistryUnavailable, WorkerRegistry
 
 __all__ = ["RemoteVoiceEngine", "RemoteVoiceSession"]
@@ -243,10 +243,9 @@ class _Link:
         self.dead = False
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future] = {}
-        self._out: list[tuple[int, int, np.ndarray]] = []
-        self._flush_scheduled = False
         self._last_seen = time.monotonic()
         self._loop = asyncio.get_running_loop()
+        self._audio: PerPass[tuple[int, int, np.ndarray]] = PerPass(self._loop, self._send_audio)
         self._tasks: list[asyncio.Task] = []
 
     async def greet(self) -> None:
@@ -311,17 +310,11 @@ class _Link:
             pass  # the reader sees the connection go
 
     def queue_audio(self, sid: int, seq: int, pcm: np.ndarray) -> None:
-        self._out.append((sid, seq, pcm))
-        if not self._flush_scheduled:
-            # Chunks completed in the same pass of the loop travel as one message.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._audio.add((sid, seq, pcm))
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        if out and not self.dead:
-            self._loop.create_task(self._send(self.ws.send_bytes(pack_audio(out))))
+    def _send_audio(self, items: list[tuple[int, int, np.ndarray]]) -> None:
+        if not self.dead:
+            self._loop.create_task(self._send(self.ws.send_bytes(pack_audio(items))))
 
     # ---- the connection's tasks ------------------------------------------------------------
 

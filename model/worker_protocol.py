@@ -17,14 +17,16 @@ binary frames, each carrying every session's chunk that was ready in the same mo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
+from typing import Callable, Generic, TypeVar
 
 import numpy as np
 
 from .voice import VoiceChunk
 
-__all__ = ["VERSION", "AUDIO", "RESULTS", "ProtocolError", "control", "parse_control", "pack_audio",
+__all__ = ["PerPass", "VERSION", "AUDIO", "RESULTS", "ProtocolError", "control", "parse_control", "pack_audio",
            "unpack_audio", "pack_results", "unpack_results"]
 
 VERSION = 1
@@ -149,3 +151,30 @@ def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
     audio = np.frombuffer(payload, dtype="<f4").astype(np.float32)
     return [(sid, seq, [VoiceChunk(text, speech, audio[start:start + n], dropped)
                         for text, speech, dropped, start, n in got]) for sid, seq, got in out]
+
+
+T = TypeVar("T")
+
+
+class PerPass(Generic[T]):
+    """Items added during one pass of the event loop go out together: `send(items)` runs
+    once, at the end of the pass (both sides: every session's chunk, or result, that is
+    ready in the same moment travels in one message)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Callable[[list[T]], None]) -> None:
+        self._loop = loop
+        self._send = send
+        self._items: list[T] = []
+        self._scheduled = False
+
+    def add(self, item: T) -> None:
+        self._items.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        items, self._items = self._items, []
+        if items:
+            self._send(items)

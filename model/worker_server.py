@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from .errors import EngineFull, StaleSession
 from .voice import LocalVoiceEngine, LocalVoiceSession, VoiceChunk
-from .worker_protocol import (VERSION, ProtocolError, control, pack_results, parse_control, unpack_audio)
+from .worker_protocol import VERSION, PerPass, ProtocolError, control, pack_results, parse_control, unpack_audio
 from .worker_registry import RegistryUnavailable, WorkerInfo, WorkerRegistry
 
 __all__ = ["WorkerServer"]
@@ -200,9 +200,8 @@ class _Link:
         self.peer = peer
         self.bridge = peer  # until its hello names it
         self.sessions: dict[int, LocalVoiceSession] = {}
-        self._out: list[tuple[int, int, list[VoiceChunk]]] = []
-        self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
+        self._results: PerPass[tuple[int, int, list[VoiceChunk]]] = PerPass(self._loop, self._send_results)
 
     def send_text(self, text: str) -> None:
         if not self.ws.closed:
@@ -313,17 +312,11 @@ class _Link:
             if not isinstance(fut.exception(), StaleSession):
                 log.error("session %s of bridge %s failed", sid, self.bridge, exc_info=fut.exception())
             return self._closed(sid, "error")
-        self._out.append((sid, seq, fut.result()))
-        if not self._flush_scheduled:
-            # Every result of one tick resolves in one pass of the loop: one message for all.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._results.add((sid, seq, fut.result()))
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        if out and not self.ws.closed:
-            self._loop.create_task(self._send(self.ws.send_bytes(pack_results(out))))
+    def _send_results(self, items: list[tuple[int, int, list[VoiceChunk]]]) -> None:
+        if not self.ws.closed:
+            self._loop.create_task(self._send(self.ws.send_bytes(pack_results(items))))
 
     def _drop(self, sid: int) -> None:
         session = self.sessions.pop(sid, None)

@@ -5,6 +5,7 @@ ProtocolError (the connection is closed), never another exception or a wrong val
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 
@@ -184,3 +185,22 @@ def test_bad_results_item(item):
 def test_bad_control(text):
     with pytest.raises(ProtocolError):
         parse_control(text)
+
+
+def test_per_pass_sends_what_one_pass_of_the_loop_added_as_one_message():
+    from model.worker_protocol import PerPass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sent: list[list[int]] = []
+        batch = PerPass(loop, sent.append)
+        for i in range(3):
+            batch.add(i)  # the same pass: one message
+        assert sent == []  # nothing before the pass ends
+        await asyncio.sleep(0)
+        batch.add(3)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # an empty pass sends nothing
+        return sent
+
+    assert asyncio.run(main()) == [[0, 1, 2], [3]]
