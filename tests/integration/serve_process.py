@@ -56,6 +56,7 @@ class ServeProcess:
         self.http_port = free_port()
         self.sip_port = sip_port or free_port(socket.SOCK_DGRAM)
         self.token = token
+        self._own_sip_port = sip_port is None
         self.args = ["serve", "--http-listen", f"127.0.0.1:{self.http_port}",
                      "--sip-listen", f"127.0.0.1:{self.sip_port}", *(["--admin-token", token] if token else []), *args]
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEXLINE_")}
@@ -67,7 +68,24 @@ class ServeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 90.0) -> "ServeProcess":
+    def start(self, timeout: float = 90.0, attempts: int = 3) -> "ServeProcess":
+        """Start and wait until healthy. A port another process took between `free_port`
+        and the bind (this machine is shared) means new ports and another try."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                if attempt == attempts - 1 or "Address already in use" not in self.log() or not self._own_sip_port:
+                    raise
+                self._new_ports()
+        raise AssertionError("unreachable")
+
+    def _new_ports(self) -> None:
+        self.http_port, self.sip_port = free_port(), free_port(socket.SOCK_DGRAM)
+        self.args[self.args.index("--http-listen") + 1] = f"127.0.0.1:{self.http_port}"
+        self.args[self.args.index("--sip-listen") + 1] = f"127.0.0.1:{self.sip_port}"
+
+    def _start(self, timeout: float) -> "ServeProcess":
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(DUPLEXLINE + self.args, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT)
