@@ -68,6 +68,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from bench._common import pct, table  # noqa: E402
 from bench._procs import cpu_seconds  # noqa: E402
+from bridge.process import loop_factory  # noqa: E402
 from model.errors import EngineFull, StaleSession  # noqa: E402
 from model.voice import VoiceChunk, VoiceEngine, VoiceSession  # noqa: E402
 
@@ -183,14 +184,6 @@ class _InstantSession(VoiceSession):
             self._voice.engine.open -= 1
 
 
-def _loop_factory(name: str):
-    if name == "asyncio":
-        return None
-    import uvloop
-
-    return uvloop.new_event_loop
-
-
 def serve_stand_in(port: int, event_loop: str, freeze: bool) -> int:
     """The stand-in worker's process: WorkerServer + InstantVoiceStandIn until SIGTERM."""
     from aiohttp import web
@@ -213,7 +206,7 @@ def serve_stand_in(port: int, event_loop: str, freeze: bool) -> int:
         await server.close()
         await runner.cleanup()
 
-    with asyncio.Runner(loop_factory=_loop_factory(event_loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
         runner.run(run())
     return 0
 
@@ -622,7 +615,7 @@ def main() -> int:
     sizes = [int(s) for s in args.sessions.split(",")]
     loads = [int(s) for s in args.protocol_sessions.split(",")]
     started, load_before = time.monotonic(), os.getloadavg()[0]
-    with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
         rows, notes = runner.run(run(args, sizes, loads))
     print(f"the remote engine's hop on loopback, {os.cpu_count()} CPUs (load average {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after: a shared machine is noisy), {args.event_loop} event loops"

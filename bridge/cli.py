@@ -5,11 +5,11 @@ calls), `dial` (place a call through a running bridge), `model init` (write a ti
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from .errors import ConfigError
+from .process import configure_logging
 from .settings import add_serve_arguments, settings_from
 from .sip_dial_cli import add_dial_parser
 from .worker_cli import add_worker_parser
@@ -51,24 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args, os.environ)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     from .server import run_server
 
     return run_server(settings)
 
 
 def _model_init(args: argparse.Namespace) -> int:
-    _configure_logging("INFO")
+    configure_logging("INFO")
     from model.checkpoint import write_tiny_model
 
     path = write_tiny_model(args.out, seed=args.seed, decoder=args.decoder)
     which = f"tiny random CosyVoice {args.decoder} decoder" if args.decoder else "stand-in tone decoder"
     print(f"wrote a tiny, untrained OmniFlatten model to {path} ({which})")
     return 0
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:

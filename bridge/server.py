@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
 import uuid
 
 from aiohttp import web
@@ -22,15 +20,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector, PlatformColle
 from prometheus_client.core import GaugeMetricFamily
 
 from agent.calls import CallManager
-from agent.errors import AgentError
-from model.errors import ModelError
 from agent.control import add_control_routes
 from agent.metrics import AgentMetrics
 from agent.store import create_store
 
 from . import sip_leg, webrtc_leg
 from .compose import build_agent
-from .errors import BridgeError
+from .process import run_until_signalled
 from .settings import Settings
 from .sip_http import add_sip_routes
 
@@ -126,42 +122,5 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
         await manager.close()
 
 
-def _loop_factory(name: str):
-    """uvloop's loop (libuv: cheaper timers, task wake-ups and UDP sends, which the media
-    legs do for every packet), or None for the standard library's."""
-    if name == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        raise BridgeError("uvloop is not installed (pip install uvloop, or --event-loop asyncio)") from None
-    return uvloop.new_event_loop
-
-
 def run_server(settings: Settings) -> int:
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = {"count": 0}
-
-        def on_signal() -> None:
-            signals["count"] += 1
-            if signals["count"] > 1:
-                raise SystemExit(130)  # a second Ctrl-C: stop now
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        await serve(settings, stop)
-
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            runner.run(main())
-    except (ModelError, AgentError, BridgeError) as exc:  # bad model files, store unreachable: named by the error
-        print(f"duplexline: cannot start: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"duplexline: cannot start: {exc}", file=sys.stderr)
-        return 1
-    print("duplexline: stopped", flush=True)
-    return 0
+    return run_until_signalled("duplexline", lambda stop: serve(settings, stop), settings.event_loop)

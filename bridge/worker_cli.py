@@ -10,16 +10,12 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
-import sys
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from model.errors import ModelError
-
 from .compose import build_voice_engine
-from .errors import BridgeError
+from .process import configure_logging, run_until_signalled
 from .settings import Settings, add_worker_arguments, settings_from
 
 __all__ = ["add_worker_parser"]
@@ -38,23 +34,11 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 def _worker(args: argparse.Namespace) -> int:
     settings = settings_from(args, os.environ)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .server import _loop_factory
-
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            runner.run(_run(settings))
-    except (ModelError, BridgeError) as exc:
-        print(f"duplexline worker: cannot start: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"duplexline worker: cannot start: {exc}", file=sys.stderr)
-        return 1
-    print("duplexline worker: stopped", flush=True)
-    return 0
+    configure_logging(settings.log_level)
+    return run_until_signalled("duplexline worker", lambda stop: _run(settings, stop), settings.event_loop)
 
 
-async def _run(settings: Settings) -> None:
+async def _run(settings: Settings, stop: asyncio.Event) -> None:
     from model.worker_registry import WorkerRegistry
     from model.worker_server import WorkerServer
 
@@ -76,26 +60,11 @@ async def _run(settings: Settings) -> None:
             await site.start()
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {w.listen}: {exc.strerror}") from exc
-        stop = asyncio.Event()
-        signals = {"count": 0}
-
-        def on_signal() -> None:
-            signals["count"] += 1
-            if signals["count"] > 1:
-                raise SystemExit(130)
-            loop.create_task(_drain_then_stop(server, stop))
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
         print(f"duplexline worker {w.worker_id}: serving model {settings.resolved_model_id} on ws://{w.listen}/ws "
               f"(advertised {w.address}); {'registry ' + str(settings.redis) if placement else 'no registry'}; "
               "press Ctrl-C to stop", flush=True)
         await stop.wait()
+        await server.drain()  # a second signal stops at once
     finally:
         await server.close()
         await runner.cleanup()
-
-
-async def _drain_then_stop(server, stop: asyncio.Event) -> None:
-    await server.drain()
-    stop.set()
