@@ -4,10 +4,15 @@ the model speaks (docs/decoder.md).
 
 One push = one model chunk of codes (10: 200 ms at 50 Hz, 400 ms at 25 Hz). Per push:
 
-- **Flow, in a sliding window.** The chunk's codes are the flow's new tokens; the voice's
-  prompt plus the stream's last `context_tokens` codes are its prompt, with the voice's
-  prompt mel plus the mel this stream made for those codes as the prompt's condition. So
-  every chunk continues the mel it follows (no seam in the mel), at a cost bounded by the
+- **v2's flow, chunk-causal with caches** (`FlowStream`, cosyvoice_flow_stream.py): each
+  chunk of `chunk_tokens` codes is computed once, attending to `left_chunks` chunks
+  before it through cached keys and values, and equals the flow run once over the whole
+  utterance on the same chunk grid. A code's mel waits for its 3 look-ahead codes.
+- **v1's flow, in a sliding window** (v1 is not causal: no cache can give the whole
+  utterance's result). The chunk's codes are the flow's new tokens; the voice's prompt
+  plus the stream's last `context_tokens` codes are its prompt, with the voice's prompt
+  mel plus the mel this stream made for those codes as the prompt's condition. So every
+  chunk continues the mel it follows (no seam in the mel), at a cost bounded by the
   window, not by the length of the reply. v1's 1.72 mel frames per code are counted on
   the stream's running total, so the chunks add up to the audio's length exactly.
 - **HiFT with its caches**: the chunk's mel after the previous chunk's last `overlap`
@@ -21,9 +26,9 @@ One push = one model chunk of codes (10: 200 ms at 50 Hz, 400 ms at 25 Hz). Per 
   codes inside a spoken chunk repeat the nearest spoken code and are muted with 5 ms ramps
   (the mute follows its samples through the hold-back).
 
-Each push returns exactly its codes' duration of audio: the first of an utterance starts
-with the held-back tail's length of silence (the latency the cross-fade costs, paid once,
-so that the playout never runs dry inside a turn).
+Each push (of one chunk) returns exactly its codes' duration of audio: the first of an
+utterance starts with the held-back tail's and v2's look-ahead's length of silence (the
+latency they cost, paid once, so that the playout never runs dry inside a turn).
 
 `steps` (Euler steps) and `guidance` (classifier-free guidance weight) are settings:
 bench/decoder.py measures cost against steps. Randomness (v1's flow noise, HiFT's noise)
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +53,7 @@ from .codec import DecoderStream, SpeechDecoder
 from .cosyvoice_encoder import EncoderConfig
 from .cosyvoice_estimator import EstimatorConfig
 from .cosyvoice_flow import V2, CosyVoiceFlow, FlowConfig, load_flow
+from .cosyvoice_flow_stream import FlowStream
 from .cosyvoice_hift import HiFTConfig, HiFTGenerator, load_hift
 from .errors import CheckpointError
 
@@ -60,9 +67,11 @@ _RAMP_SECONDS = 0.005
 class DecoderSettings:
     steps: int = 10  # Euler steps of the flow
     guidance: float = 0.7  # classifier-free guidance weight
-    context_tokens: int = 20  # codes of the stream's past re-fed to the flow as prompt
+    context_tokens: int = 20  # v1: codes of the stream's past re-fed to the flow as prompt
     overlap_frames: int = 8  # mel frames HiFT repeats, cross-fades and holds back
     seed: int = 0  # each stream's noise generator
+    chunk_tokens: int = 10  # v2: codes per attention chunk (the model's chunk: one per push)
+    left_chunks: int = 2  # v2: chunks before its own a chunk attends to (< 0: all; memory grows)
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 100:
@@ -71,6 +80,8 @@ class DecoderSettings:
             raise ValueError(f"guidance must be 0..10, got {self.guidance}")
         if self.context_tokens < 0 or self.overlap_frames < 0:
             raise ValueError("context_tokens and overlap_frames must be >= 0")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
 
 
 @dataclass
@@ -116,8 +127,9 @@ class CosyVoiceDecoder(SpeechDecoder):
         flow.decoder.config = config
         self.flow = flow.eval()
         self.hift = hift.eval()
-        self.voice = voice
         self.family = "v2" if config.version == V2 else "v1"
+        self._primed_lock = threading.Lock()
+        self.voice = voice
         self.sample_rate = hift.config.sample_rate
         self.token_rate = config.input_frame_rate
         self.codebook_size = config.vocab_size
@@ -126,6 +138,8 @@ class CosyVoiceDecoder(SpeechDecoder):
                              f"{hift.config.sample_rate} Hz, hop {hift.config.samples_per_frame}")
         self.device = next(flow.parameters()).device
         self.dtype = next(flow.parameters()).dtype
+        # v2: mel frames a code waits for its look-ahead.
+        self.delay_frames = config.pre_lookahead_len * config.token_mel_ratio if self.family == "v2" else 0
 
     @property
     def samples_per_code(self) -> float:
@@ -138,6 +152,24 @@ class CosyVoiceDecoder(SpeechDecoder):
 
     def new_stream(self) -> DecoderStream:
         return CosyVoiceStream(self)
+
+    @property
+    def voice(self) -> Voice:
+        return self._voice
+
+    @voice.setter
+    def voice(self, voice: Voice) -> None:
+        self._voice = voice
+        self._primed: FlowStream | None = None  # v2: the voice prompt's chunks, computed once
+
+    def flow_stream(self) -> FlowStream:
+        """v2: a new utterance's flow state, the voice's prompt already in it."""
+        with self._primed_lock:
+            if self._primed is None:
+                v, s = self._voice, self.settings
+                self._primed = FlowStream(self.flow, v.embedding, v.prompt_tokens, v.prompt_mel,
+                                          s.chunk_tokens, s.left_chunks).prime()
+            return self._primed.copy()
 
     # ---- building, saving, loading ---------------------------------------------------------
 
@@ -239,13 +271,16 @@ class CosyVoiceStream(DecoderStream):
     def reset(self) -> None:
         d = self._d
         self._generator.manual_seed(d.settings.seed)
-        self._codes: list[int] = []  # this utterance's codes, the last context_tokens of them
-        self._mel = torch.zeros(d.flow.config.output_size, 0)  # the mel this stream made for _codes
+        self._codes: list[int] = []  # v1: this utterance's codes, the last context_tokens of them
+        self._mel = torch.zeros(d.flow.config.output_size, 0)  # v1: the mel this stream made for _codes
         self._spoken = 0  # codes of this utterance so far (v1's frame count runs on it)
+        self._flow_stream: FlowStream | None = None  # v2: the utterance's cached flow
+        self._waiting: list[bool] = []  # v2: spoken (or muted) flags of codes whose mel is still to come
         self._mel_tail: torch.Tensor | None = None  # last overlap frames of mel
         self._source_tail: torch.Tensor | None = None  # the source under them
         self._speech_tail = np.zeros(0, np.float32)  # held back for the next cross-fade
         self._tail_gain = np.zeros(0, np.float32)  # the mute over the held mel tail's samples
+        self._started = False
 
     def push(self, codes: np.ndarray) -> np.ndarray:
         d = self._d
@@ -254,28 +289,47 @@ class CosyVoiceStream(DecoderStream):
         spoken = codes >= 0
         if not spoken.any():
             return self._end_utterance(n_samples)
-        first = self._mel_tail is None
+        hop = d.hift.config.samples_per_frame
+        lead = None
+        if not self._started:  # the held-back tail's (and v2's look-ahead's) delay, as silence ahead
+            self._started = True
+            lead = np.zeros((d.settings.overlap_frames + d.delay_frames) * hop, np.float32)
         filled = _fill_silent(codes)
         with torch.inference_mode():
-            mel = self._flow(filled)
-            hop = d.hift.config.samples_per_frame
-            envelope = None if spoken.all() else _mute_envelope(spoken, mel.shape[1] * hop, d.sample_rate)
-            speech = self._vocode(mel, envelope)
-        if first:  # the held-back tail's delay, as silence ahead of the utterance
-            speech = np.concatenate([np.zeros(d.settings.overlap_frames * hop, np.float32), speech])
-        return speech
+            if d.family == "v2":
+                mel, spoken = self._flow_v2(filled, spoken)
+            else:
+                mel = self._flow(filled)
+            speech = self._vocode_spoken(mel, spoken) if mel.shape[1] else np.zeros(0, np.float32)
+        return speech if lead is None else np.concatenate([lead, speech])
+
+    def _vocode_spoken(self, mel: torch.Tensor, spoken: np.ndarray) -> np.ndarray:
+        d = self._d
+        hop = d.hift.config.samples_per_frame
+        envelope = None if spoken.all() else _mute_envelope(spoken, mel.shape[1] * hop, d.sample_rate)
+        return self._vocode(mel, envelope)
+
+    def _flow_v2(self, codes: np.ndarray, spoken: np.ndarray, finish: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+        """The mel that became final and the spoken flags of its codes."""
+        if self._flow_stream is None:
+            self._flow_stream = self._d.flow_stream()
+        mel = self._flow_stream.finish() if finish else self._flow_stream.push(codes)
+        self._waiting.extend(bool(x) for x in spoken)
+        out = mel.shape[1] // self._d.flow.config.token_mel_ratio
+        flags, self._waiting = np.asarray(self._waiting[:out], bool), self._waiting[out:]
+        return mel.cpu(), flags
 
     def _flow(self, codes: np.ndarray) -> torch.Tensor:
-        """(80, frames) mel of the new codes, continuing the context."""
+        """v1: (80, frames) mel of the new codes, continuing the context."""
         d = self._d
         voice = d.voice
         frames = d.mel_frames(self._spoken + len(codes)) - d.mel_frames(self._spoken)
         prompt_tokens = np.concatenate([voice.prompt_tokens, np.asarray(self._codes, np.int64)])
         prompt_mel = torch.cat([torch.from_numpy(voice.prompt_mel), self._mel.T], dim=0)
-        kwargs = {} if d.family == "v2" else {"frames": frames, "generator": self._generator}
         mel = d.flow.inference(torch.from_numpy(codes)[None], torch.from_numpy(prompt_tokens)[None],
                                prompt_mel[None].to(d.device, d.dtype),
-                               torch.from_numpy(voice.embedding)[None].to(d.device, d.dtype), **kwargs)[0].float().cpu()
+                               torch.from_numpy(voice.embedding)[None].to(d.device, d.dtype), frames=frames,
+                               generator=self._generator)[0].float().cpu()
         keep = d.settings.context_tokens
         self._codes = (self._codes + [int(c) for c in codes])[-keep:] if keep else []
         self._mel = torch.cat([self._mel, mel], dim=1)
@@ -319,13 +373,20 @@ class CosyVoiceStream(DecoderStream):
         return speech
 
     def _end_utterance(self, n_samples: int) -> np.ndarray:
-        """Silence for the chunk, after the held-back tail (faded out)."""
+        """v2's codes still waiting for their look-ahead, then the held-back tail (faded
+        out), then silence for the rest of the chunk."""
+        head = np.zeros(0, np.float32)
+        if self._flow_stream is not None and self._flow_stream.pending:
+            with torch.inference_mode():
+                mel, spoken = self._flow_v2(np.zeros(0, np.int64), np.zeros(0, bool), finish=True)
+                head = self._vocode_spoken(mel, spoken)
         tail = self._speech_tail
         if len(tail):
             tail = tail * np.linspace(1.0, 0.0, len(tail), dtype=np.float32)
         self.reset()
-        out = np.zeros(max(n_samples, len(tail)), np.float32)
-        out[:len(tail)] = tail
+        out = np.zeros(max(n_samples, len(head) + len(tail)), np.float32)
+        out[:len(head)] = head
+        out[len(head):len(head) + len(tail)] = tail
         return out
 
 

@@ -23,8 +23,12 @@ Invariants:
   bit-identical however long the utterance.
 - Streaming (v2) changes only the attention masks: chunks of `static_chunk_size` tokens
   (twice that after up-sampling) counted from the first prompt token, each seeing itself
-  and everything before. Look-ahead tokens given as `context` feed only the pre-lookahead
-  convolution; they produce no output frames.
+  and everything before; or any `ChunkGrid` (size, offset, chunks seen to the left).
+  Look-ahead tokens given as `context` feed only the pre-lookahead convolution; they
+  produce no output frames.
+- `forward_span` computes one chunk of a grid with caches (past keys and values, the
+  causal convolutions' last inputs) and equals `forward` over the whole utterance on the
+  same grid: attention and convolutions see exactly the same frames either way.
 - v1's length regulator interpolates the prompt and the new tokens separately, and with
   more than 2 x `edge_tokens` new tokens the first and last `edge_tokens` separately again,
   so chunk boundaries land on fixed mel frames (upstream's streaming overlap).
@@ -40,8 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigInvalid
+from .stream_cache import StreamCache, causal_pad
 
-__all__ = ["EncoderConfig", "ConformerEncoder", "LengthRegulator", "chunk_keep_mask", "attention_keep_mask"]
+__all__ = ["EncoderConfig", "ConformerEncoder", "LengthRegulator", "ChunkGrid", "chunk_keep_mask",
+           "attention_keep_mask"]
 
 _NORM_EPS_LAYER = 1e-12  # norm_mha / norm_ff, as WeNet builds them
 _NORM_EPS_OUT = 1e-5  # embed.out.1 and after_norm
@@ -109,28 +115,43 @@ class EncoderConfig:
 # --------------------------------------------------------------------------- masks
 
 
-def chunk_keep_mask(size: int, chunk: int, left_chunks: int = -1, device: torch.device | str | None = None) -> Tensor:
-    """(size, size) bool: query i may attend key j. Chunks of `chunk` frames from frame 0;
-    a query sees its whole chunk and `left_chunks` chunks before it (all when < 0).
-    `chunk` <= 0 means full attention."""
+@dataclass(frozen=True)
+class ChunkGrid:
+    """Chunk-causal attention: chunk c holds positions [c * size - offset, (c + 1) * size -
+    offset); a query sees its whole chunk and `left` chunks before it (all when < 0).
+    size <= 0: full attention."""
+
+    size: int
+    offset: int = 0
+    left: int = -1
+
+    def scaled(self, factor: int) -> ChunkGrid:
+        """The same grid counted in frames, `factor` frames per token."""
+        return ChunkGrid(self.size * factor, self.offset * factor, self.left)
+
+
+def chunk_keep_mask(size: int, chunk: int, left_chunks: int = -1, device: torch.device | str | None = None,
+                    offset: int = 0) -> Tensor:
+    """(size, size) bool: query i may attend key j, on the grid `ChunkGrid(chunk, offset,
+    left_chunks)`. `chunk` <= 0 means full attention."""
     if chunk <= 0:
         return torch.ones(size, size, dtype=torch.bool, device=device)
-    pos = torch.arange(size, device=device)
-    block = pos // chunk
-    keep = pos[None, :] < ((block + 1) * chunk)[:, None]
+    block = torch.div(torch.arange(size, device=device) + offset, chunk, rounding_mode="floor")
+    keep = block[None, :] <= block[:, None]
     if left_chunks >= 0:
-        keep &= pos[None, :] >= ((block - left_chunks).clamp(min=0) * chunk)[:, None]
+        keep &= block[None, :] >= (block - left_chunks)[:, None]
     return keep
 
 
-def attention_keep_mask(valid: Tensor, chunk: int, left_chunks: int = -1) -> Tensor:
+def attention_keep_mask(valid: Tensor, grid: ChunkGrid) -> Tensor:
     """(B, T) valid frames -> (B, 1 or T, T) bool keep mask. A query row with no key left
     attends to every key instead (as upstream forces it); such rows are padding, which no
     valid frame ever reads."""
-    if chunk <= 0:
+    if grid.size <= 0:
         keep = valid[:, None, :]
     else:
-        keep = valid[:, None, :] & chunk_keep_mask(valid.shape[1], chunk, left_chunks, valid.device)[None]
+        keep = valid[:, None, :] & chunk_keep_mask(valid.shape[1], grid.size, grid.left, valid.device,
+                                                   grid.offset)[None]
     empty = ~keep.any(dim=-1, keepdim=True)
     if bool(empty.any()):
         keep = keep | empty
@@ -140,22 +161,26 @@ def attention_keep_mask(valid: Tensor, chunk: int, left_chunks: int = -1) -> Ten
 # --------------------------------------------------------------------------- layers
 
 
-def _relative_table(size: int, width: int, device: torch.device) -> Tensor:
-    """(1, 2*size-1, width): row r is relative distance size-1-r (ESPnet's layout), even
-    columns sin, odd columns cos of distance * 10000^(-2i/width), in float32."""
+def _relative_table(high: int, low: int, width: int, device: torch.device) -> Tensor:
+    """(1, high-low+1, width): row r is relative distance high-r (ESPnet's layout for
+    high = T-1, low = -(T-1)), even columns sin, odd columns cos of distance *
+    10000^(-2i/width), in float32: a distance's row is the same in any table."""
     rate = torch.exp(torch.arange(0, width, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / width))
-    distance = torch.arange(size - 1, -size, -1, dtype=torch.float32, device=device)
+    distance = torch.arange(high, low - 1, -1, dtype=torch.float32, device=device)
     angle = distance[:, None] * rate[None, :]
-    table = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(2 * size - 1, width)
+    table = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(high - low + 1, width)
     return table[None]
 
 
-def _rel_shift(scores: Tensor) -> Tensor:
-    """(B, H, T, 2T-1) scores against the table -> (B, H, T, T) with [i, j] taken at
-    distance i - j, i.e. table row T-1-i+j."""
-    t = scores.shape[2]
-    index = (t - 1) - torch.arange(t, device=scores.device)[:, None] + torch.arange(t, device=scores.device)[None, :]
-    return scores.gather(-1, index.expand(*scores.shape[:2], t, t))
+def _rel_shift(scores: Tensor, first_query: int) -> Tensor:
+    """(B, H, Tq, R) scores against a table of distances high .. -(Tq-1) -> (B, H, Tq, Tk)
+    with [i, j] taken at distance (first_query + i) - j, queries being keys first_query ..
+    first_query + Tq - 1 (Tk = first_query + Tq, high = Tk - 1)."""
+    tq = scores.shape[2]
+    tk = first_query + tq
+    rows = torch.arange(tq, device=scores.device)[:, None]
+    index = (tk - 1) - (first_query + rows) + torch.arange(tk, device=scores.device)[None, :]
+    return scores.gather(-1, index.expand(*scores.shape[:2], tq, tk))
 
 
 class _LinearEmbed(nn.Module):
@@ -188,15 +213,20 @@ class _RelPositionAttention(nn.Module):
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
 
-    def forward(self, x: Tensor, keep: Tensor | None, table: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None, table: Tensor, cache: StreamCache | None = None) -> Tensor:
+        """`cache`: the keys and values of earlier chunks go in front of x's (x's queries
+        see all of them, `keep` must be None) and x's are kept for the next chunk."""
         b, t, _ = x.shape
         h, d = self.heads, self.head_dim
         q = self.linear_q(x).view(b, t, h, d)
         k = self.linear_k(x).view(b, t, h, d).transpose(1, 2)
         v = self.linear_v(x).view(b, t, h, d).transpose(1, 2)
+        first = 0
+        if cache is not None:
+            k, v, first = cache.keys_values(self, k, v)
         p = self.linear_pos(table).view(table.shape[0], -1, h, d).transpose(1, 2)
         content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
-        position = _rel_shift(torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)))
+        position = _rel_shift(torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)), first)
         scores = (content + position) / math.sqrt(d)
         if keep is not None:
             drop = ~keep[:, None]
@@ -228,8 +258,8 @@ class _ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(width, eps=_NORM_EPS_LAYER)
         self.norm_mha = nn.LayerNorm(width, eps=_NORM_EPS_LAYER)
 
-    def forward(self, x: Tensor, keep: Tensor | None, table: Tensor) -> Tensor:
-        x = x + self.self_attn(self.norm_mha(x), keep, table)
+    def forward(self, x: Tensor, keep: Tensor | None, table: Tensor, cache: StreamCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.norm_mha(x), keep, table, cache)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -243,7 +273,7 @@ class _PreLookahead(nn.Module):
         self.conv1 = nn.Conv1d(channels, channels, kernel_size=length + 1)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, cache: StreamCache | None = None) -> Tensor:
         h = x.transpose(1, 2)
         if context is not None and context.shape[1]:
             if context.shape[1] > self.length:
@@ -253,7 +283,7 @@ class _PreLookahead(nn.Module):
         else:
             h = F.pad(h, (0, self.length))
         h = F.leaky_relu(self.conv1(h))
-        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))
+        h = self.conv2(causal_pad(h, self.conv2.kernel_size[0] - 1, cache, self))
         return h.transpose(1, 2) + x
 
 
@@ -265,9 +295,9 @@ class _RepeatUpsample(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(channels, channels, 2 * stride + 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
         h = F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
-        return self.conv(F.pad(h, (2 * self.stride, 0)))
+        return self.conv(causal_pad(h, 2 * self.stride, cache, self))
 
 
 # --------------------------------------------------------------------------- encoder
@@ -299,13 +329,14 @@ class ConformerEncoder(nn.Module):
                 _ConformerLayer(width, c.attention_heads, c.linear_units) for _ in range(c.num_up_blocks))
 
     def forward(self, xs: Tensor, lengths: Tensor | None = None, context: Tensor | None = None,
-                streaming: bool = False) -> Tensor:
+                streaming: bool | ChunkGrid = False) -> Tensor:
         c = self.config
         if context is not None and not c.pre_lookahead_len:
             raise ValueError("look-ahead context needs a pre-lookahead layer (v2)")
+        grid = self.grid(streaming)
         x = self.embed(xs)
-        keep = self._keep(lengths, x.shape[0], x.shape[1], c.static_chunk_size if streaming else 0, x.device)
-        table = _relative_table(x.shape[1], c.output_size, x.device).to(x.dtype)
+        keep = self._keep(lengths, x.shape[0], x.shape[1], grid, x.device)
+        table = _relative_table(x.shape[1] - 1, 1 - x.shape[1], c.output_size, x.device).to(x.dtype)
         if c.pre_lookahead_len:
             x = self.pre_lookahead_layer(x, None if context is None else self.embed(context))
         for layer in self.encoders:
@@ -314,22 +345,49 @@ class ConformerEncoder(nn.Module):
             x = self.up_layer(x.transpose(1, 2)).transpose(1, 2)
             x = self.up_embed(x)
             up_lengths = None if lengths is None else lengths * c.up_stride
-            chunk = c.static_chunk_size * c.up_stride if streaming else 0
-            keep = self._keep(up_lengths, x.shape[0], x.shape[1], chunk, x.device)
-            table = _relative_table(x.shape[1], c.output_size, x.device).to(x.dtype)
+            keep = self._keep(up_lengths, x.shape[0], x.shape[1], grid.scaled(c.up_stride), x.device)
+            table = _relative_table(x.shape[1] - 1, 1 - x.shape[1], c.output_size, x.device).to(x.dtype)
             for layer in self.up_encoders:
                 x = layer(x, keep, table)
         return self.after_norm(x)
 
+    def forward_span(self, xs: Tensor, context: Tensor, tokens: StreamCache, frames: StreamCache) -> Tensor:
+        """v2, one chunk of a grid with caches: xs (B, n, input) the chunk's token
+        embeddings, `context` (B, <= L, input) the look-ahead tokens after it (fewer: the
+        utterance ends there). `tokens` and `frames` carry the two attention stacks'
+        state from the chunk before (their `keep`: the past positions the grid lets the
+        next chunk see). Equals `forward` over the whole utterance on the same grid."""
+        c = self.config
+        if not c.upsamples:
+            raise ValueError("forward_span is the chunk-causal (v2) encoder's")
+        x = self.pre_lookahead_layer(self.embed(xs), self.embed(context), tokens)
+        x = self._layers(self.encoders, x, tokens)
+        x = self.up_layer(x.transpose(1, 2), frames).transpose(1, 2)
+        return self.after_norm(self._layers(self.up_encoders, self.up_embed(x), frames))
+
+    def _layers(self, layers: nn.ModuleList, x: Tensor, cache: StreamCache) -> Tensor:
+        # Every layer holds the same past, so the table for this chunk's distances is shared.
+        first = cache.past_length(layers[0].self_attn)
+        table = _relative_table(first + x.shape[1] - 1, 1 - x.shape[1], self.config.output_size, x.device)
+        for layer in layers:
+            x = layer(x, None, table.to(x.dtype), cache)
+        return x
+
+    def grid(self, streaming: bool | ChunkGrid) -> ChunkGrid:
+        """The token grid of a `streaming` argument: True = upstream's static chunks."""
+        if isinstance(streaming, ChunkGrid):
+            return streaming
+        return ChunkGrid(self.config.static_chunk_size if streaming else 0)
+
     @staticmethod
-    def _keep(lengths: Tensor | None, batch: int, size: int, chunk: int, device: torch.device) -> Tensor | None:
-        if lengths is None and chunk <= 0:
+    def _keep(lengths: Tensor | None, batch: int, size: int, grid: ChunkGrid, device: torch.device) -> Tensor | None:
+        if lengths is None and grid.size <= 0:
             return None  # every key valid: plain softmax
         if lengths is None:
             valid = torch.ones(batch, size, dtype=torch.bool, device=device)
         else:
             valid = torch.arange(size, device=device)[None, :] < lengths.to(device)[:, None]
-        return attention_keep_mask(valid, chunk)
+        return attention_keep_mask(valid, grid)
 
 
 # --------------------------------------------------------------------------- length regulator (v1)

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cosyvoice_encoder import attention_keep_mask
+from .cosyvoice_encoder import ChunkGrid, attention_keep_mask
 from .errors import ConfigInvalid
+from .stream_cache import StreamCache, causal_pad
 
 __all__ = ["EstimatorConfig", "FlowEstimator"]
 
@@ -100,8 +101,8 @@ class _CausalConv1d(nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        return super().forward(causal_pad(x, self.kernel_size[0] - 1, cache, self))
 
 
 class _SwapTime(nn.Module):
@@ -120,8 +121,14 @@ class _Block1D(nn.Module):
         else:
             self.block = nn.Sequential(nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(8, dim_out), nn.Mish())
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.block(x * mask) * mask
+    def forward(self, x: Tensor, mask: Tensor, cache: StreamCache | None = None) -> Tensor:
+        if cache is None:
+            return self.block(x * mask) * mask
+        conv, *rest = self.block  # causal: the conv takes the chunk's past from the cache
+        y = conv(x * mask, cache)
+        for layer in rest:
+            y = layer(y)
+        return y * mask
 
 
 class _ResnetBlock1D(nn.Module):
@@ -132,9 +139,9 @@ class _ResnetBlock1D(nn.Module):
         self.block2 = _Block1D(dim_out, dim_out, causal)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: Tensor, mask: Tensor, time: Tensor) -> Tensor:
-        h = self.block1(x, mask) + self.mlp(time).unsqueeze(-1)
-        h = self.block2(h, mask)
+    def forward(self, x: Tensor, mask: Tensor, time: Tensor, cache: StreamCache | None = None) -> Tensor:
+        h = self.block1(x, mask, cache) + self.mlp(time).unsqueeze(-1)
+        h = self.block2(h, mask, cache)
         return h + self.res_conv(x * mask)
 
 
@@ -151,14 +158,18 @@ class _Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None, cache: StreamCache | None = None) -> Tensor:
+        """`cache`: earlier chunks' keys and values in front (all visible: bias None)."""
         b, t, _ = x.shape
 
         def heads(y: Tensor) -> Tensor:
             return y.view(b, t, self.heads, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)),
-                                             attn_mask=bias[:, None])
+        k, v = heads(self.to_k(x)), heads(self.to_v(x))
+        if cache is not None:
+            k, v, _ = cache.keys_values(self, k, v)
+        out = F.scaled_dot_product_attention(heads(self.to_q(x)), k, v,
+                                             attn_mask=None if bias is None else bias[:, None])
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -193,8 +204,8 @@ class _TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = _FeedForward(dim)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x), bias) + x
+    def forward(self, x: Tensor, bias: Tensor | None, cache: StreamCache | None = None) -> Tensor:
+        x = self.attn1(self.norm1(x), bias, cache) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -280,38 +291,50 @@ class FlowEstimator(nn.Module):
         self.final_proj = nn.Conv1d(ups[-1], c.out_channels, 1)
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                streaming: bool = False) -> Tensor:
+                streaming: bool | ChunkGrid = False, cache: StreamCache | None = None) -> Tensor:
+        """`streaming`: True = upstream's static chunks, or a frame `ChunkGrid`. `cache`
+        (causal only): x is one chunk of a grid, the cache holds the chunks before it
+        (model/stream_cache.py); the mask must be all ones."""
         c = self.config
+        if cache is not None and (not c.causal or len(c.channels) != 1):
+            raise ValueError("only the causal one-level (v2) estimator computes chunk by chunk")
         time = self.time_mlp(_time_features(torch.as_tensor(t, dtype=x.dtype, device=x.device), c.in_channels))
         h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
-        chunk = c.static_chunk_size if streaming else 0
+        if isinstance(streaming, ChunkGrid):
+            grid = streaming
+        else:
+            grid = ChunkGrid(c.static_chunk_size if streaming else 0, 0, c.num_decoding_left_chunks)
 
         skips: list[Tensor] = []
         masks = [mask]
         for resnet, blocks, down in self.down_blocks:
             m = masks[-1]
-            h = self._transformers(resnet(h, m, time), m, blocks, chunk)
+            h = self._transformers(resnet(h, m, time, cache), m, blocks, grid, cache)
             skips.append(h)
-            h = down(h * m)
+            h = down(h * m) if cache is None else down(h * m, cache)  # causal: the last block's k3 conv
             masks.append(m[:, :, ::2])
         masks.pop()
         m = masks[-1]
         for resnet, blocks in self.mid_blocks:
-            h = self._transformers(resnet(h, m, time), m, blocks, chunk)
+            h = self._transformers(resnet(h, m, time, cache), m, blocks, grid, cache)
         for resnet, blocks, up in self.up_blocks:
             m = masks.pop()
             skip = skips.pop()
             h = torch.cat([h[:, :, :skip.shape[-1]], skip], dim=1)
-            h = self._transformers(resnet(h, m, time), m, blocks, chunk)
-            h = up(h * m)
-        h = self.final_block(h, m)
+            h = self._transformers(resnet(h, m, time, cache), m, blocks, grid, cache)
+            h = up(h * m) if cache is None else up(h * m, cache)
+        h = self.final_block(h, m, cache)
         return self.final_proj(h * m) * mask
 
-    def _transformers(self, h: Tensor, mask: Tensor, blocks: nn.ModuleList, chunk: int) -> Tensor:
-        keep = attention_keep_mask(mask[:, 0] > 0, chunk, self.config.num_decoding_left_chunks)
-        keep = keep.expand(-1, h.shape[-1], -1)
-        bias = (1.0 - keep.to(h.dtype)) * _MASK_BIAS
+    def _transformers(self, h: Tensor, mask: Tensor, blocks: nn.ModuleList, grid: ChunkGrid,
+                      cache: StreamCache | None) -> Tensor:
+        if cache is None:
+            keep = attention_keep_mask(mask[:, 0] > 0, grid)
+            keep = keep.expand(-1, h.shape[-1], -1)
+            bias = (1.0 - keep.to(h.dtype)) * _MASK_BIAS
+        else:
+            bias = None
         y = h.transpose(1, 2)
         for block in blocks:
-            y = block(y, bias)
+            y = block(y, bias, cache)
         return y.transpose(1, 2)

@@ -32,7 +32,9 @@ Invariants:
   it: the last `pre_lookahead_len` tokens are look-ahead context only, the encoder and the
   estimator attend in chunks (25 tokens, 50 frames) from the first prompt token. The
   returned mel covers the tokens before the look-ahead; a later call with more tokens
-  recomputes from the start (no cache), as upstream does.
+  recomputes from the start (no cache), as upstream does. `streaming` may also be any
+  token `ChunkGrid`; `FlowStream` (cosyvoice_flow_stream.py) computes one chunk of such a
+  grid at a time with caches and equals this whole-utterance call on the same grid.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cosyvoice_encoder import ConformerEncoder, EncoderConfig, LengthRegulator
+from .cosyvoice_encoder import ChunkGrid, ConformerEncoder, EncoderConfig, LengthRegulator
 from .cosyvoice_estimator import EstimatorConfig, FlowEstimator
 from .errors import ConfigInvalid
 from .state_dicts import check_state, read_state_file
+from .stream_cache import StreamCache
 
 __all__ = ["FlowConfig", "FlowInputs", "FlowMatching", "CosyVoiceFlow", "euler_schedule", "load_flow"]
 
@@ -278,26 +281,32 @@ class FlowMatching(nn.Module):
         return self._noise[:, :, :frames]
 
     def velocity_pair(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                      streaming: bool = False) -> Tensor:
-        """The estimator on a batch of two: row 0 conditioned on (mu, spks, cond), row 1
-        with all three zero. x, mu, cond (1, 80, T); mask (1, 1, T); spks (1, 80) -> (2, 80, T)."""
-        zero = torch.zeros_like
-        return self.estimator(torch.cat([x, x]), torch.cat([mask, mask]), torch.cat([mu, zero(mu)]),
-                              t.reshape(1).expand(2), torch.cat([spks, zero(spks)]), torch.cat([cond, zero(cond)]),
-                              streaming=streaming)
+                      streaming: bool | ChunkGrid = False, cache: StreamCache | None = None) -> Tensor:
+        """The estimator on two rows per item: row 2i conditioned on (mu, spks, cond) of
+        item i, row 2i+1 with all three zero. x, mu, cond (B, 80, T); mask (B, 1, T);
+        spks (B, 80) -> (2B, 80, T)."""
+        def pair(a: Tensor, zero: bool = True) -> Tensor:
+            return torch.stack([a, torch.zeros_like(a) if zero else a], dim=1).flatten(0, 1)
+
+        return self.estimator(pair(x, zero=False), pair(mask, zero=False), pair(mu),
+                              t.reshape(1).expand(2 * x.shape[0]), pair(spks), pair(cond),
+                              streaming=streaming, cache=cache)
 
     def guide(self, pair: Tensor) -> Tensor:
-        """Classifier-free guidance of a `velocity_pair`: (1 + w) row0 - w row1."""
+        """Classifier-free guidance of a `velocity_pair`: (1 + w) row 2i - w row 2i+1."""
         w = self.config.inference_cfg_rate
-        return (1.0 + w) * pair[:1] - w * pair[1:]
+        return (1.0 + w) * pair[0::2] - w * pair[1::2]
 
-    def solve(self, noise: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, streaming: bool = False,
+    def solve(self, noise: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor,
+              streaming: bool | ChunkGrid = False, caches: list[StreamCache] | None = None,
               on_step: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
-        """Euler-integrate from `noise` (1, 80, T) at t=0 to t=1. `on_step(k, t, x, pair)`
-        sees each step's input x and the estimator's two rows (for diagnostics)."""
+        """Euler-integrate from `noise` (B, 80, T) at t=0 to t=1. `caches`: one per step
+        (the estimator sees a different x at each), for one chunk of a stream.
+        `on_step(k, t, x, pair)` sees each step's input x and the estimator's rows."""
         x = noise
         for k, (t, dt) in enumerate(euler_schedule(self.config.n_timesteps, device=mu.device)):
-            pair = self.velocity_pair(x, mask, mu, t.to(mu.dtype), spks, cond, streaming)
+            pair = self.velocity_pair(x, mask, mu, t.to(mu.dtype), spks, cond, streaming,
+                                      None if caches is None else caches[k])
             if on_step is not None:
                 on_step(k, t, x, pair)
             x = x + dt * self.guide(pair)
@@ -360,7 +369,7 @@ class CosyVoiceFlow(nn.Module):
 
     @torch.inference_mode()
     def prepare(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                streaming: bool = False, finalize: bool = True, frames: int | None = None) -> FlowInputs:
+                streaming: bool | ChunkGrid = False, finalize: bool = True, frames: int | None = None) -> FlowInputs:
         """Everything before the solver: encoder output, mu, spks, cond, mask. `frames`
         (v1): the new tokens' mel frames, instead of upstream's rule for them alone (a
         stream asks for its running total's share, so that chunks add up to the audio's
@@ -410,7 +419,7 @@ class CosyVoiceFlow(nn.Module):
 
     @torch.inference_mode()
     def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                  noise: Tensor | None = None, streaming: bool = False, finalize: bool = True, *,
+                  noise: Tensor | None = None, streaming: bool | ChunkGrid = False, finalize: bool = True, *,
                   generator: torch.Generator | None = None, frames: int | None = None) -> Tensor:
         """token (1, n) and prompt_token (1, m) int ids, prompt_feat (1, frames, 80) log-mel,
         embedding (1, 192) raw x-vector -> mel (1, 80, new frames), prompt removed.
@@ -421,6 +430,8 @@ class CosyVoiceFlow(nn.Module):
         inputs = self.prepare(token, prompt_token, prompt_feat, embedding, streaming=streaming, finalize=finalize,
                               frames=frames)
         z = self._noise(noise, inputs.mu, generator)
+        if isinstance(streaming, ChunkGrid):  # the estimator counts the token grid in frames
+            streaming = streaming.scaled(self.config.token_mel_ratio)
         mel = self.decoder.solve(z, inputs.mu, inputs.mask, inputs.spks, inputs.cond, streaming=streaming)
         return mel[:, :, inputs.prompt_frames:]
 

@@ -70,6 +70,7 @@ def hamming_fade(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 def test_each_push_returns_exactly_its_codes_duration(family):
     d = CosyVoiceDecoder.random(family)
     n_hop, overlap = hop(d), d.settings.overlap_frames
+    lead = (overlap + d.delay_frames) * n_hop  # the held-back tail and v2's 3 look-ahead codes
     s = d.new_stream()
     total, sizes, out = 0, set(), np.zeros(0, np.float32)
     for k, codes in enumerate(chunks(d, 6), start=1):
@@ -77,12 +78,13 @@ def test_each_push_returns_exactly_its_codes_duration(family):
         assert out.dtype == np.float32 and out.ndim == 1
         frames = d.mel_frames(k * CHUNK) - d.mel_frames((k - 1) * CHUNK)
         sizes.add(frames)
-        # The first push of an utterance holds back its last overlap frames and starts with as
-        # much silence; every later push gives out the previous tail and holds back its own:
-        # each exactly its codes' mel frames.
+        # The first push of an utterance holds back its last overlap frames (and v2 its last
+        # 3 codes, waiting for their look-ahead) and starts with as much silence; every later
+        # push gives out what the previous held and holds back its own: each exactly its
+        # codes' mel frames.
         assert len(out) == frames * n_hop, k
         if k == 1:
-            assert not out[:overlap * n_hop].any() and np.abs(out[overlap * n_hop:]).max() > 1e-3
+            assert not out[:lead].any() and np.abs(out[lead:]).max() > 1e-3
         total += len(out)
         assert total == d.mel_frames(k * CHUNK) * n_hop, k
         assert np.abs(out).max() > 1e-3  # the random decoder makes sound, not silence
@@ -93,14 +95,21 @@ def test_each_push_returns_exactly_its_codes_duration(family):
     else:
         assert sizes == {20} and d.mel_frames(6 * CHUNK) * n_hop == codes_duration
 
-    # An all-silent chunk ends the utterance: the held tail, faded out, then silence.
-    tail = s._speech_tail.copy()
-    assert len(tail) == overlap * n_hop
-    end = s.push(np.full(CHUNK, -1))
+    # An all-silent chunk ends the utterance: v2's waiting codes, the held tail faded out,
+    # then silence.
     n_samples = round(CHUNK * d.samples_per_code)
-    assert len(end) == max(n_samples, len(tail))
-    np.testing.assert_allclose(end[:len(tail)], tail * np.linspace(1.0, 0.0, len(tail)), atol=1e-7)
-    assert not end[len(tail):].any()
+    if family == "v1":
+        tail = s._speech_tail.copy()
+        assert len(tail) == overlap * n_hop
+        end = s.push(np.full(CHUNK, -1))
+        np.testing.assert_allclose(end[:len(tail)], tail * np.linspace(1.0, 0.0, len(tail)), atol=1e-7)
+    else:
+        end = s.push(np.full(CHUNK, -1))
+        assert np.abs(end[:d.delay_frames * n_hop]).max() > 1e-3  # the last 3 codes' audio
+        fade = end[d.delay_frames * n_hop:lead]
+        assert np.all(np.abs(fade[-n_hop:]) <= np.abs(fade[:n_hop]).max())  # fading out
+    assert len(end) == max(n_samples, lead)
+    assert not end[lead:].any()
     # The faded tail continues the last push's audio: no jump larger than the audio's own.
     assert abs(end[0] - out[-1]) <= np.abs(np.diff(out)).max()
 
@@ -112,6 +121,7 @@ def test_each_push_returns_exactly_its_codes_duration(family):
     again = chunks(d, 1, seed=5)[0]
     first = s.push(again)
     np.testing.assert_array_equal(first, d.new_stream().push(again))
+    assert not first[:lead].any()
     assert len(first) == d.mel_frames(CHUNK) * n_hop
 
 
@@ -139,7 +149,7 @@ def test_silent_codes_inside_a_spoken_chunk_are_muted_where_they_are(family):
     b[5:] = -1
     y = np.concatenate([s.push(a), s.push(b), s.push(np.full(CHUNK, -1))])
     n_hop, ramp = hop(d), int(0.005 * d.sample_rate)
-    lead = d.settings.overlap_frames * n_hop
+    lead = (d.settings.overlap_frames + d.delay_frames) * n_hop
     at = lambda code: lead + d.mel_frames(code) * n_hop  # noqa: E731 - first sample of a code's audio
     spoken = y[at(CHUNK) + 2 * ramp:at(CHUNK + 5) - 2 * ramp]
     silent = y[at(CHUNK + 5) + 2 * ramp:at(2 * CHUNK)]
@@ -156,27 +166,23 @@ def seam_errors(family: str, overlap: int, pushes: int = 8) -> tuple[list[float]
     (noise off), in +-64 samples around each chunk edge; and the same away from the edges."""
     d = CosyVoiceDecoder.random(family, settings=dataclasses.replace(FAST, overlap_frames=overlap))
     hift_forward = d.hift.forward
-    d.hift.forward = lambda mel, cache=None, *, stochastic=True, generator=None: hift_forward(  # noise off
-        mel, cache, stochastic=False, generator=generator)
-    mels: list[torch.Tensor] = []
-    flow_inference = d.flow.inference
+    new_mels: list[torch.Tensor] = []  # each HiFT call's new frames (after the repeated tail)
 
-    def recording(*args, **kwargs):
-        mel = flow_inference(*args, **kwargs)
-        mels.append(mel[0].clone())
-        return mel
-    d.flow.inference = recording
+    def recording(mel, cache=None, *, stochastic=True, generator=None):
+        new_mels.append(mel[0, :, 0 if not new_mels else overlap:].clone())
+        return hift_forward(mel, cache, stochastic=False, generator=generator)  # noise off
+    d.hift.forward = recording
     s = d.new_stream()
     outs = [s.push(c) for c in chunks(d, pushes)]
-    lead = overlap * hop(d)  # the silence ahead of the utterance: the held-back tail's delay
+    lead = (overlap + d.delay_frames) * hop(d)  # the silence ahead of the utterance: the held-back delay
     assert not outs[0][:lead].any()
     y = np.concatenate(outs)[lead:]
     with torch.inference_mode():
-        reference = hift_forward(torch.cat(mels, dim=1)[None], stochastic=False)[0][0].numpy()[:len(y)]
+        reference = hift_forward(torch.cat(new_mels, dim=1)[None], stochastic=False)[0][0].numpy()[:len(y)]
     err = y - reference
     w = 64
     near = np.zeros(len(y), bool)
-    edges = np.cumsum([len(o) for o in outs])[:-1] - lead
+    edges = np.cumsum([m.shape[1] for m in new_mels])[:-1] * hop(d)
     per_edge = []
     for b in edges:
         near[b - w:b + w] = True
@@ -204,10 +210,13 @@ def test_the_seam_measure_fails_without_the_cross_fade(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stream_equals_flow_and_hift_called_directly(family):
-    """Four pushes against the documented recipe, computed from the modules: the flow on
-    the chunk's codes with the voice prompt plus the last context_tokens codes (and their
-    mel) as prompt; HiFT on the held mel tail + the new mel with the held source in front;
-    the Hamming cross-fade; one generator (v1's flow noise, then HiFT's) seeded per stream."""
+    """Four pushes against the documented recipe, computed from the modules. The flow:
+    v1 on the chunk's codes with the voice prompt plus the last context_tokens codes (and
+    their mel) as prompt; v2 once over the whole utterance (voice prompt first) on the
+    stream's chunk grid, each push giving the mel of its codes but the last 3 (they wait
+    for their look-ahead). HiFT on the held mel tail + the new mel with the held source in
+    front; the Hamming cross-fade; one generator (v1's flow noise, then HiFT's) seeded per
+    stream."""
     settings = DecoderSettings(steps=3, context_tokens=15, seed=3)
     d = with_prompt(CosyVoiceDecoder.random(family, seed=2, settings=settings))
     seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -229,33 +238,42 @@ def test_stream_equals_flow_and_hift_called_directly(family):
     made = torch.zeros(80, 0)  # the mel made so far
     spoken = 0
     mel_tail = source_tail = speech_tail = None
+    if family == "v2":
+        with torch.inference_mode():
+            whole = d.flow.inference(torch.from_numpy(np.concatenate(codes))[None],
+                                     torch.from_numpy(voice.prompt_tokens)[None],
+                                     torch.from_numpy(voice.prompt_mel)[None], embedding,
+                                     streaming=d.flow_stream().grid)[0]
     for k, chunk in enumerate(codes):
         frames = d.mel_frames(spoken + CHUNK) - d.mel_frames(spoken)
         kept = d.mel_frames(spoken) - d.mel_frames(spoken - len(context_codes))  # the context codes' frames
         prompt_tokens = np.concatenate([voice.prompt_tokens, np.asarray(context_codes, np.int64)])
         prompt_mel = torch.cat([torch.from_numpy(voice.prompt_mel), made[:, made.shape[1] - kept:].T])
-        extra = {"frames": frames, "generator": generator} if family == "v1" else {}
-        with torch.inference_mode():
-            mel = d.flow.inference(torch.from_numpy(chunk)[None], torch.from_numpy(prompt_tokens)[None],
-                                   prompt_mel[None], embedding, **extra)[0]
-        assert mel.shape == (80, frames)
+        if family == "v1":
+            with torch.inference_mode():
+                mel = d.flow.inference(torch.from_numpy(chunk)[None], torch.from_numpy(prompt_tokens)[None],
+                                       prompt_mel[None], embedding, frames=frames, generator=generator)[0]
+            assert mel.shape == (80, frames)
+        else:
+            ready = lambda pushes: max(0, pushes * CHUNK - 3) * 2  # noqa: E731 - mel frames out after `pushes`
+            mel = whole[:, ready(k):ready(k + 1)]
         made = torch.cat([made, mel], dim=1)
         x = mel if mel_tail is None else torch.cat([mel_tail, mel], dim=1)
         got_mel, got_cache = seen[k]
-        torch.testing.assert_close(got_mel[0], x, rtol=0, atol=1e-6, msg=f"HiFT's mel, push {k}")
+        torch.testing.assert_close(got_mel[0], x, rtol=0, atol=2e-5, msg=f"HiFT's mel, push {k}")
         if source_tail is None:
             assert got_cache is None
         else:
             torch.testing.assert_close(got_cache, source_tail, rtol=0, atol=0, msg=f"HiFT's source cache, push {k}")
         with torch.inference_mode():
-            speech, source = hift_forward(x[None], source_tail, stochastic=True, generator=generator)
+            speech, source = hift_forward(got_mel, source_tail, stochastic=True, generator=generator)
         speech = speech[0].numpy().copy()
         if speech_tail is not None:
             speech[:n] = hamming_fade(speech, speech_tail)
         expected, speech_tail = speech[:-n], speech[-n:]
-        if k == 0:  # the utterance's first push: the held tail's length of silence ahead
-            expected = np.concatenate([np.zeros(n, np.float32), expected])
-        mel_tail, source_tail = x[:, -overlap:], source[..., -n:]
+        if k == 0:  # the utterance's first push: the held tail's (and look-ahead's) length of silence ahead
+            expected = np.concatenate([np.zeros(n + d.delay_frames * hop(d), np.float32), expected])
+        mel_tail, source_tail = got_mel[0][:, -overlap:], source[..., -n:]
         np.testing.assert_allclose(streamed[k], expected, rtol=0, atol=1e-6, err_msg=f"push {k}")
         spoken += CHUNK
         context_codes = (context_codes + chunk.tolist())[-settings.context_tokens:]
