@@ -66,3 +66,8 @@ class SpeechDecoder(ABC):
 
     @abstractmethod
     def new_stream(self) -> DecoderStream: ...
+
+    def push_many(self, streams: list[DecoderStream], codes: list[np.ndarray]) -> list[np.ndarray]:
+        """`push` on many streams (one chunk each). Implementations batch the work; this
+        default does them one by one."""
+        return [s.push(c) for s, c in zip(streams, codes)]

@@ -54,13 +54,13 @@ from .cosyvoice_encoder import EncoderConfig
 from .cosyvoice_estimator import EstimatorConfig
 from .cosyvoice_flow import V2, CosyVoiceFlow, FlowConfig, load_flow
 from .cosyvoice_flow_stream import FlowStream
+from .cosyvoice_stream import CosyVoiceStream, decode_many
 from .cosyvoice_hift import HiFTConfig, HiFTGenerator, load_hift
 from .errors import CheckpointError
 
 __all__ = ["CosyVoiceDecoder", "DecoderSettings", "Voice", "KIND", "tiny_flow_config", "tiny_hift_config"]
 
 KIND = "cosyvoice"
-_RAMP_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,10 @@ class CosyVoiceDecoder(SpeechDecoder):
 
     def new_stream(self) -> DecoderStream:
         return CosyVoiceStream(self)
+
+    def push_many(self, streams: list[DecoderStream], codes: list[np.ndarray]) -> list[np.ndarray]:
+        """One push per stream, batched (model/cosyvoice_stream.py)."""
+        return decode_many(self, streams, codes)
 
     @property
     def voice(self) -> Voice:
@@ -258,153 +262,3 @@ def _load_voice(path: Path) -> Voice:
     if voice.prompt_mel.ndim != 2 or voice.prompt_mel.shape[1] != 80:
         raise CheckpointError(path, f"prompt_mel has shape {voice.prompt_mel.shape}, expected (frames, 80)")
     return voice
-
-
-class CosyVoiceStream(DecoderStream):
-    """One call's decoder state (see the module docstring). Not thread-safe."""
-
-    def __init__(self, decoder: CosyVoiceDecoder) -> None:
-        self._d = decoder
-        self._generator = torch.Generator(device=decoder.device)  # HiFT draws its noise on the model's device
-        self.reset()
-
-    def reset(self) -> None:
-        d = self._d
-        self._generator.manual_seed(d.settings.seed)
-        self._codes: list[int] = []  # v1: this utterance's codes, the last context_tokens of them
-        self._mel = torch.zeros(d.flow.config.output_size, 0)  # v1: the mel this stream made for _codes
-        self._spoken = 0  # codes of this utterance so far (v1's frame count runs on it)
-        self._flow_stream: FlowStream | None = None  # v2: the utterance's cached flow
-        self._waiting: list[bool] = []  # v2: spoken (or muted) flags of codes whose mel is still to come
-        self._mel_tail: torch.Tensor | None = None  # last overlap frames of mel
-        self._source_tail: torch.Tensor | None = None  # the source under them
-        self._speech_tail = np.zeros(0, np.float32)  # held back for the next cross-fade
-        self._tail_gain = np.zeros(0, np.float32)  # the mute over the held mel tail's samples
-        self._started = False
-
-    def push(self, codes: np.ndarray) -> np.ndarray:
-        d = self._d
-        codes = np.asarray(codes, dtype=np.int64)
-        n_samples = int(round(len(codes) * d.samples_per_code))
-        spoken = codes >= 0
-        if not spoken.any():
-            return self._end_utterance(n_samples)
-        hop = d.hift.config.samples_per_frame
-        lead = None
-        if not self._started:  # the held-back tail's (and v2's look-ahead's) delay, as silence ahead
-            self._started = True
-            lead = np.zeros((d.settings.overlap_frames + d.delay_frames) * hop, np.float32)
-        filled = _fill_silent(codes)
-        with torch.inference_mode():
-            if d.family == "v2":
-                mel, spoken = self._flow_v2(filled, spoken)
-            else:
-                mel = self._flow(filled)
-            speech = self._vocode_spoken(mel, spoken) if mel.shape[1] else np.zeros(0, np.float32)
-        return speech if lead is None else np.concatenate([lead, speech])
-
-    def _vocode_spoken(self, mel: torch.Tensor, spoken: np.ndarray) -> np.ndarray:
-        d = self._d
-        hop = d.hift.config.samples_per_frame
-        envelope = None if spoken.all() else _mute_envelope(spoken, mel.shape[1] * hop, d.sample_rate)
-        return self._vocode(mel, envelope)
-
-    def _flow_v2(self, codes: np.ndarray, spoken: np.ndarray, finish: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-        """The mel that became final and the spoken flags of its codes."""
-        if self._flow_stream is None:
-            self._flow_stream = self._d.flow_stream()
-        mel = self._flow_stream.finish() if finish else self._flow_stream.push(codes)
-        self._waiting.extend(bool(x) for x in spoken)
-        out = mel.shape[1] // self._d.flow.config.token_mel_ratio
-        flags, self._waiting = np.asarray(self._waiting[:out], bool), self._waiting[out:]
-        return mel.cpu(), flags
-
-    def _flow(self, codes: np.ndarray) -> torch.Tensor:
-        """v1: (80, frames) mel of the new codes, continuing the context."""
-        d = self._d
-        voice = d.voice
-        frames = d.mel_frames(self._spoken + len(codes)) - d.mel_frames(self._spoken)
-        prompt_tokens = np.concatenate([voice.prompt_tokens, np.asarray(self._codes, np.int64)])
-        prompt_mel = torch.cat([torch.from_numpy(voice.prompt_mel), self._mel.T], dim=0)
-        mel = d.flow.inference(torch.from_numpy(codes)[None], torch.from_numpy(prompt_tokens)[None],
-                               prompt_mel[None].to(d.device, d.dtype),
-                               torch.from_numpy(voice.embedding)[None].to(d.device, d.dtype), frames=frames,
-                               generator=self._generator)[0].float().cpu()
-        keep = d.settings.context_tokens
-        self._codes = (self._codes + [int(c) for c in codes])[-keep:] if keep else []
-        self._mel = torch.cat([self._mel, mel], dim=1)
-        self._spoken += len(codes)
-        # The mel of the kept codes: v1's frames per code vary, so count them from the total.
-        if keep:
-            held = d.mel_frames(self._spoken) - d.mel_frames(self._spoken - len(self._codes))
-            self._mel = self._mel[:, -held:] if held else self._mel[:, :0]
-        else:
-            self._mel = self._mel[:, :0]
-        return mel
-
-    def _vocode(self, mel: torch.Tensor, envelope: np.ndarray | None) -> np.ndarray:
-        """HiFT over the held mel tail and `mel`; `envelope` (None: all spoken) mutes the
-        new mel's samples, and goes on over the tail this push holds back."""
-        d = self._d
-        hop = d.hift.config.samples_per_frame
-        overlap = d.settings.overlap_frames
-        first = self._mel_tail is None
-        x = mel if first else torch.cat([self._mel_tail, mel], dim=1)
-        cache = self._source_tail
-        speech, source = d.hift(x[None].to(d.device, d.dtype), cache, stochastic=True, generator=self._generator)
-        speech = speech[0].float().cpu().numpy().astype(np.float32)
-        # The repeated tail frames' samples were muted (or not) in the push that made them.
-        gain = np.ones(len(speech), np.float32)
-        if not first:
-            gain[:overlap * hop] = self._tail_gain
-        if envelope is not None:
-            gain[len(gain) - len(envelope):] = envelope
-        speech *= gain
-        self._tail_gain = gain[len(gain) - overlap * hop:].copy() if overlap else gain[:0]
-        if overlap:
-            self._mel_tail = x[:, -overlap:]
-            self._source_tail = source[..., -overlap * hop:]
-            n = overlap * hop
-            if not first and len(self._speech_tail):
-                window = np.hamming(2 * n).astype(np.float32)
-                speech[:n] = speech[:n] * window[:n] + self._speech_tail * window[n:]
-            out, self._speech_tail = speech[:-n], speech[-n:].copy()
-            return out
-        return speech
-
-    def _end_utterance(self, n_samples: int) -> np.ndarray:
-        """v2's codes still waiting for their look-ahead, then the held-back tail (faded
-        out), then silence for the rest of the chunk."""
-        head = np.zeros(0, np.float32)
-        if self._flow_stream is not None and self._flow_stream.pending:
-            with torch.inference_mode():
-                mel, spoken = self._flow_v2(np.zeros(0, np.int64), np.zeros(0, bool), finish=True)
-                head = self._vocode_spoken(mel, spoken)
-        tail = self._speech_tail
-        if len(tail):
-            tail = tail * np.linspace(1.0, 0.0, len(tail), dtype=np.float32)
-        self.reset()
-        out = np.zeros(max(n_samples, len(head) + len(tail)), np.float32)
-        out[:len(head)] = head
-        out[len(head):len(head) + len(tail)] = tail
-        return out
-
-
-def _fill_silent(codes: np.ndarray) -> np.ndarray:
-    """Silent codes take the nearest spoken code before them (after, at the start)."""
-    out = codes.copy()
-    spoken = np.flatnonzero(codes >= 0)
-    idx = np.maximum.accumulate(np.where(codes >= 0, np.arange(len(codes)), -1))
-    idx[idx < 0] = spoken[0]
-    return out[idx]
-
-
-def _mute_envelope(spoken: np.ndarray, n_samples: int, rate: int) -> np.ndarray:
-    """1 under spoken codes, 0 under silent ones, with short linear ramps between."""
-    per = n_samples / len(spoken)
-    env = np.repeat(spoken.astype(np.float32), int(np.ceil(per)))[:n_samples]
-    if len(env) < n_samples:
-        env = np.pad(env, (0, n_samples - len(env)), mode="edge")
-    ramp = max(1, int(_RAMP_SECONDS * rate))
-    kernel = np.ones(ramp, np.float32) / ramp
-    return np.convolve(env, kernel, mode="same").astype(np.float32)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -117,15 +118,19 @@ class FlowStream:
     # ------------------------------------------------------------------ many streams
 
     @staticmethod
-    def push_many(streams: list[FlowStream], codes: list[np.ndarray], finish: bool = False) -> list[Tensor]:
-        """`push` (or with `finish`, push then `finish`) on each stream, the chunks of
+    def push_many(streams: list[FlowStream], codes: list[np.ndarray],
+                  finish: bool | Sequence[bool] = False) -> list[Tensor]:
+        """`push` (or where `finish`, push then `finish`) on each stream, the chunks of
         streams at the same point of the same grid computed as one batch."""
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("a stream appears twice in one batch")
+        finishes = [finish] * len(streams) if isinstance(finish, bool) else list(finish)
         out: list[list[Tensor]] = [[] for _ in streams]
-        for stream, ids in zip(streams, codes):
+        for stream, ids, last in zip(streams, codes, finishes):
             if stream._finished:
                 raise ValueError("this utterance is finished: start a new stream")
             stream._tokens.extend(int(t) for t in np.asarray(ids).reshape(-1))
-            stream._finished = finish
+            stream._finished = last
         while True:
             groups: dict[tuple, list[tuple[int, _Chunk]]] = {}
             for i, stream in enumerate(streams):

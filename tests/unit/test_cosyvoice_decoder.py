@@ -165,24 +165,27 @@ def seam_errors(family: str, overlap: int, pushes: int = 8) -> tuple[list[float]
     """Relative RMS departure of the streamed audio from HiFT run once over the whole mel
     (noise off), in +-64 samples around each chunk edge; and the same away from the edges."""
     d = CosyVoiceDecoder.random(family, settings=dataclasses.replace(FAST, overlap_frames=overlap))
-    hift_forward = d.hift.forward
+    hift_forward, hift_decode, hift_source = d.hift.forward, d.hift.decode, d.hift.source
     new_mels: list[torch.Tensor] = []  # each HiFT call's new frames (after the repeated tail)
 
-    def recording(mel, cache=None, *, stochastic=True, generator=None):
+    def recording(mel, source):
         new_mels.append(mel[0, :, 0 if not new_mels else overlap:].clone())
-        return hift_forward(mel, cache, stochastic=False, generator=generator)  # noise off
-    d.hift.forward = recording
+        return hift_decode(mel, source)
+    d.hift.decode = recording
+    d.hift.source = lambda f0, *, stochastic=True, generator=None: hift_source(f0, stochastic=False)  # noise off
     s = d.new_stream()
     outs = [s.push(c) for c in chunks(d, pushes)]
     lead = (overlap + d.delay_frames) * hop(d)  # the silence ahead of the utterance: the held-back delay
     assert not outs[0][:lead].any()
     y = np.concatenate(outs)[lead:]
+    d.hift.decode = hift_decode  # the reference's own call is not a chunk
     with torch.inference_mode():
         reference = hift_forward(torch.cat(new_mels, dim=1)[None], stochastic=False)[0][0].numpy()[:len(y)]
     err = y - reference
     w = 64
     near = np.zeros(len(y), bool)
     edges = np.cumsum([m.shape[1] for m in new_mels])[:-1] * hop(d)
+    assert len(edges) == pushes - 1
     per_edge = []
     for b in edges:
         near[b - w:b + w] = True
@@ -219,13 +222,13 @@ def test_stream_equals_flow_and_hift_called_directly(family):
     stream."""
     settings = DecoderSettings(steps=3, context_tokens=15, seed=3)
     d = with_prompt(CosyVoiceDecoder.random(family, seed=2, settings=settings))
-    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    hift_forward = d.hift.forward
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # HiFT's mel and source, at its waveform stage
+    hift_forward, hift_decode = d.hift.forward, d.hift.decode
 
-    def recording(mel, cache=None, **kwargs):
-        seen.append((mel.clone(), None if cache is None else cache.clone()))
-        return hift_forward(mel, cache, **kwargs)
-    d.hift.forward = recording
+    def recording(mel, source):
+        seen.append((mel.clone(), source.clone()))
+        return hift_decode(mel, source)
+    d.hift.decode = recording
     codes = chunks(d, 4)
     s = d.new_stream()
     streamed = [s.push(c) for c in codes]
@@ -259,12 +262,11 @@ def test_stream_equals_flow_and_hift_called_directly(family):
             mel = whole[:, ready(k):ready(k + 1)]
         made = torch.cat([made, mel], dim=1)
         x = mel if mel_tail is None else torch.cat([mel_tail, mel], dim=1)
-        got_mel, got_cache = seen[k]
+        got_mel, got_source = seen[k]
         torch.testing.assert_close(got_mel[0], x, rtol=0, atol=2e-5, msg=f"HiFT's mel, push {k}")
-        if source_tail is None:
-            assert got_cache is None
-        else:
-            torch.testing.assert_close(got_cache, source_tail, rtol=0, atol=0, msg=f"HiFT's source cache, push {k}")
+        if source_tail is not None:
+            torch.testing.assert_close(got_source[..., :n], source_tail, rtol=0, atol=0,
+                                       msg=f"HiFT's source cache, push {k}")
         with torch.inference_mode():
             speech, source = hift_forward(got_mel, source_tail, stochastic=True, generator=generator)
         speech = speech[0].numpy().copy()
@@ -277,6 +279,31 @@ def test_stream_equals_flow_and_hift_called_directly(family):
         np.testing.assert_allclose(streamed[k], expected, rtol=0, atol=1e-6, err_msg=f"push {k}")
         spoken += CHUNK
         context_codes = (context_codes + chunk.tolist())[-settings.context_tokens:]
+
+
+# --------------------------------------------------------------------------- batched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_of_streams_gives_each_the_audio_it_gets_alone(family):
+    """Streams at different points (starting, speaking, ending, muted codes, quiet) pushed
+    together give what each gives pushed alone: the batch shares the work, not the noise."""
+    d = CosyVoiceDecoder.random(family, settings=FAST)
+    quiet = np.full(CHUNK, -1)
+    a, b, c, e = chunks(d, 4, seed=8)
+    muted = c.copy()
+    muted[4:] = -1
+    plans = [[a, b, c, e, quiet], [quiet, a, b, quiet, c], [c, muted, quiet, quiet, a], [e, e, e, e, e]]
+    alone = []
+    for plan in plans:
+        stream = d.new_stream()
+        alone.append([stream.push(x) for x in plan])
+    streams = [d.new_stream() for _ in plans]
+    for step in range(len(plans[0])):
+        for i, pcm in enumerate(d.push_many(streams, [plan[step] for plan in plans])):
+            np.testing.assert_allclose(pcm, alone[i][step], rtol=0, atol=1e-4, err_msg=f"stream {i}, push {step}")
+    with pytest.raises(ValueError, match="twice"):
+        d.push_many([streams[0], streams[0]], [a, b])
 
 
 # --------------------------------------------------------------------------- determinism
