@@ -17,13 +17,16 @@ Model of operation
   others back until it sends again.
 - One tick, in order, all as batches on this thread and the model's device: the tokenizer
   over every audio chunk of the tick (`TickTokenizer`), then the LLM step for every
-  session with a chunk of codes (`BatchStepper.step`). The decoder is the agent's.
+  session with a chunk of codes (`BatchStepper.step`), then the speech decoder over every
+  stepped session's speech codes (`TickDecoder`, when the engine has one): a chunk's result
+  carries its audio.
 - A step computes only the rows that step: before each step the stepping sessions are
   moved into rows [0, m) (`_pack`; the stepper has one spare row for the moves), so rows
   computed == sessions stepped. In the steady state every session steps every tick and
   nothing moves.
 - Admission (`open_session`) answers at once, on the caller's thread: a free slot, and a
-  projected tick (tokenizer + LLM, from the measured cost of the rows actually computed)
+  projected tick (tokenizer + LLM + decoder, from the measured cost of the rows actually
+  computed)
   for one more session within `headroom` of the chunk period. The engine warms up at start
   at several batch sizes, so admission has measurements before the first call.
   Otherwise `EngineFull`.
@@ -42,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import dataclasses
 import logging
 import math
 import threading
@@ -53,8 +57,8 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from .codec import SpeechTokenizer, TokenizerStream
-from .codec_batcher import TickTokenizer
+from .codec import DecoderStream, SpeechDecoder, SpeechTokenizer, TokenizerStream
+from .codec_batcher import TickDecoder, TickTokenizer
 from .config import SamplingConfig
 from .engine_metrics import EngineMetrics
 from .errors import EngineFull, StaleSession
@@ -90,6 +94,7 @@ class _SessionState:
     last_submit: float = -math.inf
     row: int | None = None  # ENGINE THREAD: assigned when the open command runs
     stream: TokenizerStream | None = None  # ENGINE THREAD
+    voice: DecoderStream | None = None  # ENGINE THREAD
     codes: collections.deque = field(default_factory=collections.deque)  # ENGINE THREAD
 
 
@@ -218,7 +223,7 @@ class Engine(WorkerThread):
     free slots alone (benchmarks that must run N sessions whatever the step costs)."""
 
     def __init__(self, model: OmniFlatten, slots: int, *, tokenizer: SpeechTokenizer | None = None,
-                 registry: CollectorRegistry | None = None, headroom: float | None = 0.8,
+                 decoder: SpeechDecoder | None = None, registry: CollectorRegistry | None = None, headroom: float | None = 0.8,
                  max_backlog: int = 2, grace: float = GRACE, warmup: bool = True, clock: bool = True) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -236,6 +241,7 @@ class Engine(WorkerThread):
         self._slots = slots
         self._stepper = BatchStepper(model, slots + 1)  # + one spare row for packing moves
         self._tokenizer = TickTokenizer(tokenizer) if tokenizer is not None else None
+        self._decoder = TickDecoder(decoder) if decoder is not None else None
         self.metrics = EngineMetrics(registry)
         self.metrics.slots_total.set(slots)
         self.metrics.chunk_period.set(self.period)
@@ -245,6 +251,7 @@ class Engine(WorkerThread):
         self._draining = False
         self.llm_costs = StepCosts()  # by rows computed
         self.tokenizer_costs = StepCosts()  # by streams pushed
+        self.decoder_costs = StepCosts()  # by streams pushed
         self._warmup = warmup
         self._warmed = threading.Event()
         self._t0: float | None = None  # tick k's deadline is t0 + k * period
@@ -253,8 +260,9 @@ class Engine(WorkerThread):
         self._rows = self._stepped = self._catch_ups = 0
         self._occupancy = 0.0
         # Recent ticks, for benchmarks: (sessions in the batch, seconds of the tick's work, of
-        # which the tokenizer's, of which the LLM step's)
-        self.recent_ticks: collections.deque[tuple[int, float, float, float]] = collections.deque(maxlen=10000)
+        # which the tokenizer's, the LLM step's, the decoder's)
+        self.recent_ticks: collections.deque[tuple[int, float, float, float, float]] = collections.deque(
+            maxlen=10000)
         self._silence = self._silent_result()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -269,13 +277,24 @@ class Engine(WorkerThread):
     def tokenizer(self) -> SpeechTokenizer | None:
         return self._tokenizer.tokenizer if self._tokenizer is not None else None
 
+    def attach_decoder(self, decoder: SpeechDecoder) -> None:
+        """Give the engine its speech decoder (before start): results carry their audio."""
+        if self._thread is not None:
+            raise RuntimeError("attach the decoder before starting the engine")
+        self._decoder = TickDecoder(decoder)
+
+    @property
+    def decoder(self) -> SpeechDecoder | None:
+        return self._decoder.decoder if self._decoder is not None else None
+
     def start(self) -> "Engine":
         """Start the thread and wait for its warm-up (blocking: call it off the event loop)."""
         if self._start_thread():
             log.info("engine: %d slots on %s (%s), %.1f MiB of KV cache per slot, chunk period %.0f ms, "
-                     "tokenizer %s", self.slots, self.model.device, self.model.config.dtype,
+                     "tokenizer %s, decoder %s", self.slots, self.model.device, self.model.config.dtype,
                      self.bytes_per_slot / 2**20, self.period * 1000,
-                     "on the engine" if self._tokenizer is not None else "none")
+                     "on the engine" if self._tokenizer is not None else "none",
+                     type(self.decoder).__name__ if self._decoder is not None else "none")
             if not self._warmed.wait(WARMUP_TIMEOUT):
                 log.warning("engine warm-up still running after %.0f s; serving anyway", WARMUP_TIMEOUT)
         return self
@@ -307,13 +326,16 @@ class Engine(WorkerThread):
     # ---- admission -------------------------------------------------------------------------
 
     def projected_step_seconds(self, batch: int) -> float | None:
-        """A tick's time expected for `batch` sessions: the tokenizer's (when the engine has
-        one) plus the LLM step's, from the measured cost of that many rows. None without data."""
+        """A tick's time expected for `batch` sessions: the tokenizer's and the decoder's
+        (when the engine has them) plus the LLM step's, from the measured cost of that many
+        rows. None without data."""
         llm = self.llm_costs.project(batch)
         if llm is None:
             return None
         if self._tokenizer is not None:
             llm += self.tokenizer_costs.project(batch) or 0.0
+        if self._decoder is not None:
+            llm += self.decoder_costs.project(batch) or 0.0
         return llm
 
     def open_session(self, prompt: Sequence[int] = (), sampling: SamplingConfig | None = None) -> EngineSession:
@@ -530,6 +552,8 @@ class Engine(WorkerThread):
                 rows[sid] = row
                 if self._tokenizer is not None:
                     state.stream = self._tokenizer.new_stream()
+                if self._decoder is not None:
+                    state.voice = self._decoder.new_stream()
             else:
                 row = rows.pop(sid, None)
                 if row is not None:
@@ -563,7 +587,7 @@ class Engine(WorkerThread):
     def _tick_step(self, batch: list[tuple[int, _Pending]], rows: dict[int, int], catch_up: bool,
                    live: int) -> None:
         """Tokenize the batch's audio, step the LLM for every session with a chunk of codes
-        (again while any has another), resolve every chunk."""
+        (again while any has another), decode each step's speech, resolve every chunk."""
         t0 = time.perf_counter()
         lay, vocab = self.model.layout, self.model.vocab
         results: dict[int, list[ChunkResult]] = {sid: [] for sid, _ in batch}
@@ -589,7 +613,7 @@ class Engine(WorkerThread):
                     work[sid] = p.ids
                 elif states[sid] is not None and len(states[sid].codes) >= lay.user:
                     work[sid] = [vocab.speech_id(states[sid].codes.popleft()) for _ in range(lay.user)]
-            llm_seconds = 0.0
+            llm_seconds = dec_seconds = 0.0
             first = True
             while work:
                 if self.clock:
@@ -598,8 +622,12 @@ class Engine(WorkerThread):
                 llm_seconds += report.seconds
                 self.llm_costs.record(report.rows, report.seconds)
                 self._record_step(report.rows, report.stepped, live, catch_up or not first)
-                for sid in work:
-                    results[sid].append(out[rows[sid]])
+                stepped = {sid: out[rows[sid]] for sid in work}
+                if self._decoder is not None:
+                    stepped, seconds = self._decode(stepped, states)
+                    dec_seconds += seconds
+                for sid, result in stepped.items():
+                    results[sid].append(result)
                 first = False
                 work = {sid: [vocab.speech_id(states[sid].codes.popleft()) for _ in range(lay.user)]
                         for sid in audio if sid in rows and len(states[sid].codes) >= lay.user}
@@ -616,13 +644,28 @@ class Engine(WorkerThread):
                 missed += 1
             value = results[sid] if p.pcm is not None else (results[sid][0] if results[sid] else self._silence)
             p.loop.call_soon_threadsafe(resolve, p.future, value)
-        self.recent_ticks.append((len(batch), seconds, tok_seconds, llm_seconds))
+        self.recent_ticks.append((len(batch), seconds, tok_seconds, llm_seconds, dec_seconds))
         m = self.metrics
         m.step_seconds.observe(seconds)
         if missed:
             m.missed_deadlines.inc(missed)
         with self._cv:
             self._missed += missed
+
+    def _decode(self, stepped: dict[int, ChunkResult],
+                states: dict[int, _SessionState | None]) -> tuple[dict[int, ChunkResult], float]:
+        """The step's speech codes to audio, one batch; results with their audio."""
+        voiced = [sid for sid in stepped if states[sid] is not None and states[sid].voice is not None]
+        if not voiced:
+            return stepped, 0.0
+        pcms, seconds = self._decoder.push([states[sid].voice for sid in voiced],
+                                           [np.asarray(stepped[sid].speech_codes, np.int64) for sid in voiced])
+        self.decoder_costs.record(len(voiced), seconds)
+        self.metrics.decoder_seconds.observe(seconds)
+        out = dict(stepped)
+        for sid, pcm in zip(voiced, pcms):
+            out[sid] = dataclasses.replace(stepped[sid], pcm=pcm)
+        return out, seconds
 
     def _record_step(self, rows: int, stepped: int, live: int, catch_up: bool) -> None:
         m = self.metrics
@@ -665,6 +708,16 @@ class Engine(WorkerThread):
                         break
             finally:
                 self._tokenizer.end_warm_up()
+        dec_times: dict[int, float] = {}
+        if self._decoder is not None:
+            try:
+                for b in sizes:
+                    dec_times[b] = self._decoder.warm_up(b, lay.speech)
+                    if tok_times.get(b, 0.0) + dec_times[b] > self.period:
+                        sizes = [s for s in sizes if s <= b]
+                        break
+            finally:
+                self._decoder.end_warm_up()
         measured = []
         for b in sizes:
             for r in range(b):
@@ -682,12 +735,14 @@ class Engine(WorkerThread):
                 self.llm_costs.record(b, t)
             if b in tok_times:
                 self.tokenizer_costs.record(b, tok_times[b])
+            if b in dec_times:
+                self.decoder_costs.record(b, dec_times[b])
             total = self.projected_step_seconds(b) or 0.0
             measured.append(f"{b}: {total * 1000:.0f}")
             if total > self.period:
                 break
         log.info("engine warm-up in %.1f s: tick ms by batch size (%s) %s; admission keeps a tick "
-                 "within %s", time.perf_counter() - t_start, "tokenizer + LLM" if tok_times else "LLM",
+                 "within %s", time.perf_counter() - t_start, " + ".join(["tokenizer"] * bool(tok_times) + ["LLM"] + ["decoder"] * bool(dec_times)),
                  ", ".join(measured), f"{self.headroom * self.period * 1000:.0f} ms" if self.headroom else
                  "the slots (no deadline)")
 

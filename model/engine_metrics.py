@@ -18,15 +18,15 @@ class EngineMetrics:
         kw = {"registry": registry} if registry is not None else {}
         self.step_seconds = Histogram(
             "duplexline_engine_step_duration_seconds",
-            "Time of one engine tick's work: the tokenizer over its audio, then the LLM step(s) "
-            "(all sessions in the batch)", buckets=STEP_BUCKETS, **kw)
+            "Time of one engine tick's work: the tokenizer over its audio, then the LLM step(s) and "
+            "the speech decoder (all sessions in the batch)", buckets=STEP_BUCKETS, **kw)
         self.tokenizer_seconds = Histogram(
             "duplexline_engine_tokenizer_duration_seconds",
             "Time of one batched speech tokenizer pass (part of a tick)", buckets=STEP_BUCKETS, **kw)
         self.decoder_seconds = Histogram(
             "duplexline_engine_decoder_duration_seconds",
-            "Time of one session's speech decoder step (codes of one chunk to audio; beside the tick, "
-            "on the decoder's threads)", buckets=STEP_BUCKETS, **kw)
+            "Time of one batched speech decoder pass: every stepped session's codes of one LLM step "
+            "to audio (part of a tick)", buckets=STEP_BUCKETS, **kw)
         self.batch_size = Histogram(
             "duplexline_engine_batch_size", "Sessions stepped together in one batch",
             buckets=BATCH_BUCKETS, **kw)

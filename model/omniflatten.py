@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .config import OmniFlattenConfig, SamplingConfig
@@ -46,6 +47,9 @@ class ChunkResult:
     token_ids: tuple[int, ...]  # the decoded vocabulary ids, text then speech
     tokens_in: int
     dropped: bool = False  # True: the engine answered with silence (backlog full)
+    # The assistant's audio for speech_codes (float32 at the decoder's rate), when the engine
+    # has the decoder; None otherwise and for a dropped chunk.
+    pcm: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ Results come in order; each chunk's future gives the `VoiceChunk`s its codes com
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +21,7 @@ import numpy as np
 
 from .codec import SpeechDecoder, SpeechTokenizer
 from .engine import Engine, EngineSession
+from .omniflatten import ChunkResult
 
 __all__ = ["VoiceChunk", "VoiceSession", "VoiceEngine", "LocalVoiceEngine", "LocalVoiceSession"]
 
@@ -100,17 +99,20 @@ class Rehomed(Exception):
 
 
 class LocalVoiceEngine(VoiceEngine):
-    """The engine in this process, the decoder on a small thread pool beside it."""
+    """The engine in this process, with the tokenizer and the decoder on its tick."""
 
-    def __init__(self, engine: Engine, tokenizer: SpeechTokenizer, decoder: SpeechDecoder, *,
-                 threads: int = 2) -> None:
+    def __init__(self, engine: Engine, tokenizer: SpeechTokenizer, decoder: SpeechDecoder) -> None:
         self.engine = engine
         self.decoder = decoder
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="duplexline-codec")
+        # The engine tokenizes every tick's audio and decodes every step's speech as batches.
         if engine.tokenizer is None:
-            engine.attach_tokenizer(tokenizer)  # the engine tokenizes every tick's audio as one batch
+            engine.attach_tokenizer(tokenizer)
         elif engine.tokenizer is not tokenizer:
             raise ValueError("the engine already has another speech tokenizer")
+        if engine.decoder is None:
+            engine.attach_decoder(decoder)
+        elif engine.decoder is not decoder:
+            raise ValueError("the engine already has another speech decoder")
 
     async def start(self) -> None:
         # The engine warms up at start (its tick measured at several batch sizes, so that
@@ -119,7 +121,6 @@ class LocalVoiceEngine(VoiceEngine):
 
     async def close(self) -> None:
         self.engine.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:
         self.engine.drain()
@@ -137,11 +138,9 @@ class LocalVoiceSession(VoiceSession):
     def __init__(self, voice: LocalVoiceEngine, session: EngineSession) -> None:
         self._voice = voice
         self._session = session
-        self._decoder = voice.decoder.new_stream()
         self.chunk_seconds = voice.engine.period
         self.decoder_rate = voice.decoder.sample_rate
         self.silent_text = voice.engine.model.vocab.silent_text
-        self._tail: asyncio.Future | None = None  # the last chunk's decoding: the stream decodes in order
 
     def align(self, first_frame: float, frame_seconds: float = 0.02) -> int:
         return self._session.align(first_frame, frame_seconds)
@@ -150,32 +149,22 @@ class LocalVoiceSession(VoiceSession):
         return self._session.lead_frames(frame_seconds)
 
     def submit_audio(self, pcm16k: np.ndarray) -> asyncio.Future:
-        step = self._session.submit_audio(pcm16k)
-        task = asyncio.ensure_future(self._decode(step, self._tail))
-        self._tail = task
-        return task
+        return asyncio.ensure_future(self._chunks(self._session.submit_audio(pcm16k)))
 
-    async def _decode(self, step: asyncio.Future, previous: asyncio.Future | None) -> list[VoiceChunk]:
+    async def _chunks(self, step: asyncio.Future) -> list[VoiceChunk]:
         try:
             results = await step
         except asyncio.CancelledError:
             step.cancel()
             raise
-        if previous is not None and not previous.done():
-            await asyncio.wait([previous])  # its outcome is its own caller's
-        loop = asyncio.get_running_loop()
-        out = []
-        for r in results:
-            speech = np.asarray(r.speech_codes, dtype=np.int64)
-            pcm = await loop.run_in_executor(self._voice.pool, self._decode_timed, speech)
-            out.append(VoiceChunk(tuple(r.text_ids), tuple(r.speech_codes), pcm, r.dropped))
-        return out
+        return [VoiceChunk(tuple(r.text_ids), tuple(r.speech_codes), self._audio(r), r.dropped) for r in results]
 
-    def _decode_timed(self, speech: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        pcm = self._decoder.push(speech)
-        self._voice.engine.metrics.decoder_seconds.observe(time.perf_counter() - t0)
-        return pcm
+    def _audio(self, result: ChunkResult) -> np.ndarray:
+        """The engine decoded the step; a dropped chunk (never stepped) is silence."""
+        if result.pcm is not None:
+            return result.pcm
+        decoder = self._voice.decoder
+        return np.zeros(round(len(result.speech_codes) * decoder.sample_rate / decoder.token_rate), np.float32)
 
     def pause(self) -> None:
         self._session.pause()

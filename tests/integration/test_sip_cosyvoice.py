@@ -9,9 +9,11 @@ and it is continuous once the assistant speaks.
 A random model speaks at random: nothing here depends on what it says or when. What must
 hold whatever it says: each chunk the engine steps becomes a chunk of the decoder's audio
 (frames out keep pace with frames in), and the decoded audio reaches the caller. The
-continuity bound is loose (no hole over 0.6 s while the assistant's turn lasts): the first
-chunk of a turn comes 160 ms short (the held-back overlap, docs/decoder.md) and this busy
-2-core box adds jitter; a hole of a whole chunk (400 ms) or more would still fail it."""
+continuity bound is loose (no hole over 0.6 s while the assistant's turn lasts): a turn's
+audio starts after 280 ms of silence (the held-back overlap and the look-ahead,
+docs/decoder.md) and this busy 2-core box adds jitter; a hole of a whole chunk (400 ms) or
+more would still fail it. The decoder runs on the engine's tick, after the LLM step: its
+share of the tick is printed."""
 
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ pytestmark = pytest.mark.slow
 
 LINE_RATE = 8000  # PCMU
 FRAME = 160  # 20 ms at the line rate
-DECODER_METRIC = "duplexline_engine_decoder_duration_seconds"  # one session's decoder push
-STEP_METRIC = "duplexline_engine_step_duration_seconds"  # one engine tick (tokenizer + LLM)
+DECODER_METRIC = "duplexline_engine_decoder_duration_seconds"  # one batched decoder pass (per LLM step)
+STEP_METRIC = "duplexline_engine_step_duration_seconds"  # one engine tick (tokenizer + LLM + decoder)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_call_hears_the_cosyvoice_decoder(model_dir, workdir):
     decoded = delta(f"{DECODER_METRIC}_count")
     tick = delta(f"{STEP_METRIC}_sum") / max(1.0, delta(f"{STEP_METRIC}_count"))
     share = (f"decoder {delta(f'{DECODER_METRIC}_sum') / decoded * 1000:.0f} ms per chunk over {decoded:.0f} "
-             f"chunks, engine tick {tick * 1000:.0f} ms" if decoded else f"no {DECODER_METRIC} samples")
+             f"chunks, of an engine tick of {tick * 1000:.0f} ms" if decoded else f"no {DECODER_METRIC} samples")
     print(f"heard {len(heard) / rate:.2f} s at {rate} Hz: first audio at {first * 0.02:.2f} s, "
           f"{loud[first:last].mean():.0%} of the frames audible after it, holes (20 ms frames) {holes}, "
           f"flatness {flatness:.4f}; turns {turns}; {steps:.0f} engine steps, {codes:.0f} speech codes; "

@@ -4,10 +4,13 @@ others, admission, backlog bounds, metrics."""
 import asyncio
 import random
 
+import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from model.checkpoint import build_model, tiny_config
+from model.cosyvoice_decoder import CosyVoiceDecoder, DecoderSettings
 from model.config import SamplingConfig
 from model.engine import Engine
 from model.errors import EngineFull, StaleSession
@@ -159,3 +162,40 @@ def test_metrics_count_steps_and_tokens(model):
     assert get("duplexline_engine_batch_size_sum") == 3
     assert get("duplexline_engine_slots_used") == 3
     assert get("duplexline_engine_slots_total") == 4
+
+
+def test_the_decoder_runs_on_the_tick_and_each_result_carries_its_audio(model):
+    """With a decoder, the engine decodes every LLM step's speech codes as one batch right
+    after the step: each result's audio equals that session's codes pushed, in order, to a
+    stream of the same decoder alone (the batch changes nothing but the cost), and the
+    decoder's time is in the step metrics."""
+    decoder = CosyVoiceDecoder.random("v1", settings=DecoderSettings(steps=2))
+    registry = CollectorRegistry()
+    n_sessions, n_chunks = 3, 4
+
+    async def main():
+        engine = Engine(model, slots=4, decoder=decoder, registry=registry, headroom=None).start()
+        try:
+            sessions = [engine.open_session() for _ in range(n_sessions)]
+            got = [[] for _ in sessions]
+            for t in range(n_chunks):
+                chunks = [chunks_for(model, 20 + i, n_chunks)[t] for i in range(n_sessions)]
+                results = await asyncio.wait_for(asyncio.gather(*(s.step(c) for s, c in zip(sessions, chunks))), 60)
+                for out, r in zip(got, results):
+                    out.append(r)
+            return got
+        finally:
+            engine.close()
+
+    with torch.random.fork_rng(devices=[]):
+        got = asyncio.run(main())
+    for results in got:
+        alone = decoder.new_stream()
+        for r in results:
+            expected = alone.push(np.asarray(r.speech_codes, np.int64))
+            assert r.pcm is not None and r.pcm.dtype == np.float32
+            np.testing.assert_allclose(r.pcm, expected, rtol=0, atol=1e-4)
+    assert any(np.abs(r.pcm).max() > 1e-3 for results in got for r in results)  # some speech was heard
+    get = registry.get_sample_value
+    assert get("duplexline_engine_decoder_duration_seconds_count") >= n_chunks
+    assert get("duplexline_engine_decoder_duration_seconds_sum") > 0
