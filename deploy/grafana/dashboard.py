@@ -279,6 +279,18 @@ def panels() -> list[tuple[dict, int, int]]:
                     quantiles("duplexline_engine_step_duration_seconds", sel=WSEL)
                     + [q(f"max(duplexline_engine_chunk_period_seconds{{{WSEL}}})", "chunk period (budget)")],
                     "s", overrides=[series_color("chunk period (budget)", "red", dashed=True)]), 6, 8),
+        (timeseries("Tick stages", "Where one tick's time goes on this worker, mean per tick: the "
+                    "speech tokenizer over the callers' audio, the LLM step, the speech decoder over "
+                    "the assistants' codes (each one batch; LLM = tick - tokenizer - decoder).",
+                    [q(f"sum(rate(duplexline_engine_tokenizer_duration_seconds_sum{{{WSEL}}}[5m])) / "
+                       f"sum(rate(duplexline_engine_step_duration_seconds_count{{{WSEL}}}[5m]))", "tokenizer"),
+                     q(f"(sum(rate(duplexline_engine_step_duration_seconds_sum{{{WSEL}}}[5m])) - "
+                       f"sum(rate(duplexline_engine_tokenizer_duration_seconds_sum{{{WSEL}}}[5m])) - "
+                       f"sum(rate(duplexline_engine_decoder_duration_seconds_sum{{{WSEL}}}[5m]))) / "
+                       f"sum(rate(duplexline_engine_step_duration_seconds_count{{{WSEL}}}[5m]))", "LLM"),
+                     q(f"sum(rate(duplexline_engine_decoder_duration_seconds_sum{{{WSEL}}}[5m])) / "
+                       f"sum(rate(duplexline_engine_step_duration_seconds_count{{{WSEL}}}[5m]))", "decoder")],
+                    "s", stack=True), 6, 8),
         (timeseries("Refusals (per second)", "Session opens this worker refused, by reason "
                     "(no_slot, deadline: its step time has no room; draining); bridges then ask "
                     "another worker.",
