@@ -41,7 +41,7 @@ def build_voice_engine(settings: Settings, registry: CollectorRegistry):
     from model.checkpoint import build_model, load_model, serving_dtype, tiny_config
     from model.decoder_standin import StandInToneDecoder
     from model.engine import Engine
-    from model.s3_tokenizer import S3Config, S3Tokenizer
+    from model.s3_tokenizer import S3Tokenizer, tiny_config_for
     from model.voice import LocalVoiceEngine
 
     device = _device(settings.device)
@@ -55,9 +55,9 @@ def build_voice_engine(settings: Settings, registry: CollectorRegistry):
     else:
         config = serving_dtype(tiny_config(), device)
         model = build_model(config, seed=0, device=device)
-        tokenizer = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2,
-                                                codebook_size=config.speech_codebook_size,
-                                                token_rate=config.speech_token_rate), seed=0, device=device)
+        # The tiny tokenizer of the model's speech codes (v2 architecture for 6561 codes).
+        tokenizer = S3Tokenizer.random(tiny_config_for(config.speech_token_rate, config.speech_codebook_size),
+                                       seed=0, device=device)
         decoder = StandInToneDecoder(config.decoder_sample_rate, config.speech_token_rate,
                                      config.speech_codebook_size)
         log.warning("no --model given: using a TINY RANDOM, UNTRAINED OmniFlatten model; callers "

@@ -230,10 +230,10 @@ def write_tiny_model(out: str | Path, seed: int = 0, decoder: str | None = None)
         raise ValueError(f"decoder must be one of {', '.join(DECODER_FAMILIES)}, got {decoder!r}")
     config = tiny_config(**DECODER_FAMILIES.get(decoder or "", {}))
     model = build_model(config, seed=seed)
-    from .s3_tokenizer import S3Config, S3Tokenizer
+    from .s3_tokenizer import S3Tokenizer, tiny_config_for
 
-    tokenizer = S3Tokenizer.random(S3Config(width=64, heads=4, layers=2, codebook_size=config.speech_codebook_size,
-                                            token_rate=config.speech_token_rate), seed=seed)
+    # v2's 6561 codes get the v2 architecture (FSMN blocks, FSQ), as CosyVoice2's own tokenizer.
+    tokenizer = S3Tokenizer.random(tiny_config_for(config.speech_token_rate, config.speech_codebook_size), seed=seed)
     speech: SpeechDecoder | None = None
     if decoder is not None:
         from .cosyvoice_decoder import CosyVoiceDecoder

@@ -10,8 +10,10 @@ the step's audio. The encoder sees `[i*S*H - lookback, (i+1)*S*H + lookahead)`:
   the audio);
 - `stream_encoder="cache"`: only the step's frames and the look-ahead's (their features
   too), attending to the keys and values each earlier frame had at every layer when it was
-  new, kept for `lookback` codes in a ring with each code's loudest mel bin for the
-  features' floor (compute: about (step + look-ahead) / step times the audio).
+  new, kept for `lookback` codes (oldest first) with each code's loudest mel bin for the
+  features' floor (compute: about (step + look-ahead) / step times the audio). v2's FSMN
+  memory (a convolution over each layer's values, 15 codes each side) reads its left
+  context from the same cached values; its right context ends with the look-ahead.
   The look-ahead frames are provisional: they are encoded again, as the next step's
   frames. The first step, and the first step of each long-audio segment (see below),
   encodes its whole window and fills the cache from it.
@@ -20,7 +22,7 @@ Invariants:
 
 - Codes depend only on the audio, never on how it was split into pushes or batched with
   other calls; the buffer never holds more than one window of samples (and a cached stream
-  a fixed `2 * layers * lookback codes * width` ring).
+  a fixed `2 * layers * lookback codes * width` cache).
 - `stream_positions="utterance"`: every frame gets the position whole-utterance `encode`
   gives it: its index within its segment of the long-audio rule (30 s segments every 26 s;
   segment k owns codes from 2 s after its start, the first from 0), and a window never
@@ -129,8 +131,7 @@ class S3TokenizerStream(TokenizerStream):
         self._emitted = 0  # == step index * step tokens, until flush
         self._pending = np.zeros(0, np.float32)  # pushed audio that did not fit the buffer yet
         self._segment = -1  # first code of the segment the cache was filled in; -1: none
-        self._filled = 0  # valid rows of the cache ring
-        self._head = 0  # next ring row to write
+        self._filled = 0  # valid rows of the cache (its last rows)
 
     def push(self, pcm16k: np.ndarray) -> np.ndarray:
         return self._tok.push_many([self], [pcm16k])[0]
@@ -188,7 +189,7 @@ class S3TokenizerStream(TokenizerStream):
             assert kept is not None
             if full:  # (a cached stream always has utterance positions)
                 self._segment = self._config.segment_start(self._emitted)
-                self._filled = self._head = 0
+                self._filled = 0
             self._remember(kept)
         self._emitted += self._step
         new_start = max(0, self._emitted * self._per_token - self._history)
@@ -200,16 +201,15 @@ class S3TokenizerStream(TokenizerStream):
             self._start = new_start
 
     def _remember(self, kept: _Kept) -> None:
+        """Append the step's rows, dropping the oldest: the cache stays in time order (v2's
+        FSMN convolves the newest values), its `_filled` valid rows last."""
         ring = self._ring
-        if ring == 0:
+        n = min(ring, kept.keys.shape[1])
+        if n == 0:
             return
-        keys, values, peaks = kept.keys[:, -ring:], kept.values[:, -ring:], kept.peaks[-ring:]
-        n = keys.shape[1]
-        rows = (self._head + torch.arange(n, device=keys.device)) % ring
-        self._keys[:, rows] = keys
-        self._values[:, rows] = values
-        self._peaks[rows] = peaks
-        self._head = (self._head + n) % ring
+        for cache, new in ((self._keys, kept.keys), (self._values, kept.values), (self._peaks[None], kept.peaks[None])):
+            cache[:, :ring - n] = cache[:, n:].clone()
+            cache[:, ring - n:] = new[:, -n:]
         self._filled = min(ring, self._filled + n)
 
 
@@ -284,8 +284,9 @@ def _encode(tok: S3Tokenizer, streams: list[S3TokenizerStream],
     else:
         past_k = torch.stack([s._keys for s in streams])
         past_v = torch.stack([s._values for s in streams])
-        ring = torch.arange(past_k.shape[2], device=tok.device)
-        keep = ring[None, :] < torch.tensor([s._filled for s in streams], device=tok.device)[:, None]
+        rows = torch.arange(past_k.shape[2], device=tok.device)
+        filled = torch.tensor([s._filled for s in streams], device=tok.device)
+        keep = rows[None, :] >= past_k.shape[2] - filled[:, None]
         past_peaks = torch.stack([s._peaks for s in streams]).masked_fill(~keep, -torch.inf)
         if past_peaks.shape[1]:
             peak = torch.maximum(peak, past_peaks.amax(dim=1))
@@ -295,9 +296,7 @@ def _encode(tok: S3Tokenizer, streams: list[S3TokenizerStream],
     lengths = torch.full((len(plans),), mel.shape[2], device=tok.device)
     x, _ = encoder.features(mel, lengths)
     skip = 0 if p0.full else take - start
-    x = x[:, skip:]
-    x = x + encoder.positions(x.shape[1], positions + (start + skip)).to(x.dtype)
-    hidden, keys, values = encoder.forward_cached(x, past_k, past_v, keep)
+    hidden, keys, values = encoder.forward_cached(x[:, skip:], positions + (start + skip), past_k, past_v, keep)
     first = take if p0.full else 0
     codes = model.quantizer(hidden[:, first:first + count])
     # Keep the codes up to the step's end (never the provisional look-ahead).

@@ -1,7 +1,8 @@
 """S3 speech tokenizer: CosyVoice's supervised semantic tokenizer v1 (4096 codes, 50 Hz or
-25 Hz), written in plain torch and loadable from the upstream weights.
+25 Hz) and, with `S3Config(version="v2")`, CosyVoice2's v2 (6561 FSQ codes, 25 Hz;
+`s3_tokenizer_v2`), written in plain torch and loadable from the upstream weights.
 
-Model (as the public `s3tokenizer` port describes it; our own code):
+v1 model (as the public `s3tokenizer` port describes it; our own code):
 
     16 kHz PCM -> log-mel (128 x 100 frames/s, `s3_frontend`)
     -> conv1 (k3, pad 1, stride 1 for 50 Hz / 2 for 25 Hz) -> GELU
@@ -60,6 +61,9 @@ __all__ = [
     "S3Tokenizer",
     "S3TokenizerStream",
     "LEGACY_STREAMING",
+    "VERSIONS",
+    "build_s3_model",
+    "tiny_config_for",
     "WEIGHTS_FILE",
     "CONFIG_FILE",
 ]
@@ -80,7 +84,9 @@ class S3Config:
     """Sizes of the S3 tokenizer and of its streaming window.
 
     The defaults are the upstream v1 50 Hz model (`speech_tokenizer_v1.onnx`); the 25 Hz
-    model differs only in `token_rate=25` (conv1 stride 2).
+    model differs only in `token_rate=25` (conv1 stride 2). `version="v2"` is CosyVoice2's
+    `speech_tokenizer_v2.onnx` (FSMN + rotary blocks, FSQ codes): it must run at 25 Hz
+    with 6561 codes; `S3Config.v2(**changes)` fills those in.
 
     Streaming (docs/tokenizer.md has the measurements behind the defaults): every
     `step_seconds` of audio (a whole number of codes) becomes final once
@@ -119,6 +125,13 @@ class S3Config:
     lookahead_seconds: float = 0.02  # one 20 ms frame: covers the convolutions (docs/tokenizer.md)
     stream_encoder: str = "cache"
     stream_positions: str = "utterance"
+    version: str = "v1"  # "v1" (Euclidean codebook) or "v2" (FSQ); docs/tokenizer.md
+
+    @classmethod
+    def v2(cls, **changes: Any) -> S3Config:
+        """The v2 architecture at upstream's sizes (width 1280, 20 heads, 6 layers), 25 Hz,
+        6561 codes; `changes` override any field (e.g. tiny widths)."""
+        return cls(**{"version": "v2", "token_rate": 25, "codebook_size": V2_CODEBOOK_SIZE, **changes})
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -136,12 +149,22 @@ class S3Config:
         for name in ("n_mels", "width", "heads", "layers", "n_fft", "hop", "sample_rate"):
             if getattr(self, name) < 1:
                 raise ConfigInvalid(name, f"must be positive, got {getattr(self, name)}")
+        if self.version not in VERSIONS:
+            raise ConfigInvalid("version", f"must be one of {VERSIONS}, got {self.version!r}")
         if self.width % self.heads:
             raise ConfigInvalid("width", f"{self.width} is not divisible by heads={self.heads}")
-        if self.width % 2 or self.width < 4:
+        if self.version == "v1" and (self.width % 2 or self.width < 4):
             raise ConfigInvalid("width", f"the sinusoidal positions need an even width >= 4, got {self.width}")
+        if self.version == "v2" and (self.width // self.heads) % 2:
+            raise ConfigInvalid("heads", f"the rotary positions need an even head width, got "
+                                f"{self.width}/{self.heads} = {self.width // self.heads}")
         if self.codebook_size < 2:
             raise ConfigInvalid("codebook_size", f"must be at least 2, got {self.codebook_size}")
+        if self.version == "v2" and self.codebook_size != V2_CODEBOOK_SIZE:
+            raise ConfigInvalid("codebook_size", f"v2's FSQ has {V2_CODEBOOK_SIZE} codes (8 dimensions of "
+                                f"3 levels), got {self.codebook_size}")
+        if self.version == "v2" and self.token_rate != 25:
+            raise ConfigInvalid("token_rate", f"v2 runs at 25 Hz (conv1 stride 2), got {self.token_rate}")
         if self.hop > self.n_fft:
             raise ConfigInvalid("hop", f"{self.hop} is longer than n_fft={self.n_fft}")
         per_code = self.hop * 2 * self.token_rate
@@ -255,10 +278,12 @@ class S3Config:
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> S3Config:
         """Exactly the fields of `S3Config`; an unknown or missing one raises ConfigInvalid.
         A config saved before the window was measured (`window_seconds`, no step, encoder
-        or positions field) loads with the streaming it was saved with."""
+        or positions field) loads with the streaming it was saved with; one saved before
+        v2 existed (no `version`) is v1."""
         if not isinstance(data, Mapping):
             raise ConfigInvalid("<root>", f"must be an object, got {type(data).__name__}", source)
         data = _upgrade_legacy(dict(data))
+        data.setdefault("version", "v1")
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
@@ -281,6 +306,8 @@ class S3Config:
 LEGACY_STREAMING: dict[str, Any] = dict(step_seconds=0.2, lookback_seconds=2.0, lookahead_seconds=0.0,
                                         stream_encoder="reencode", stream_positions="window")
 _STREAM_ENCODERS = ("cache", "reencode")
+VERSIONS = ("v1", "v2")
+V2_CODEBOOK_SIZE = 3 ** 8  # FSQ: 8 dimensions of 3 levels
 _STREAM_POSITIONS = ("utterance", "window")
 
 
@@ -374,13 +401,33 @@ def _length_mask(lengths: Tensor, size: int) -> Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class _AudioEncoder(nn.Module):
+class _ConvFrontEnd(nn.Module):
+    """conv1 and conv2, shared by v1 and v2 (the same layers, names and strides)."""
+
     def __init__(self, config: S3Config) -> None:
         super().__init__()
         c = config
         self.stride = c.stride
         self.conv1 = nn.Conv1d(c.n_mels, c.width, kernel_size=3, stride=c.stride, padding=1)
         self.conv2 = nn.Conv1d(c.width, c.width, kernel_size=3, stride=2, padding=1)
+
+    def features(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The two convolutions: (B, n_mels, T) -> (B, T', width) and lengths. Local: a
+        code's features see 5 mel frames (50 Hz) or 7 (25 Hz) around it."""
+        padded = bool((lengths < mel.shape[2]).any())
+        x = mel
+        for conv, stride in ((self.conv1, self.stride), (self.conv2, 2)):
+            if padded:  # zero the padding so the kernel sees what an unpadded input would
+                x = x * _length_mask(lengths, x.shape[2])[:, None, :].to(x.dtype)
+            x = F.gelu(conv(x))
+            lengths = (lengths - 1) // stride + 1
+        return x.transpose(1, 2), lengths
+
+
+class _AudioEncoder(_ConvFrontEnd):
+    def __init__(self, config: S3Config) -> None:
+        super().__init__(config)
+        c = config
         self.register_buffer("positional_embedding", _sinusoids(c.n_ctx, c.width))
         self.blocks = nn.ModuleList(_Block(c.width, c.heads) for _ in range(c.layers))
 
@@ -395,18 +442,6 @@ class _AudioEncoder(nn.Module):
             x = block(x, keep)[0]
         return x, lengths
 
-    def features(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """The two convolutions: (B, n_mels, T) -> (B, T', width) and lengths. Local: a
-        code's features see 5 mel frames (50 Hz) or 7 (25 Hz) around it."""
-        padded = bool((lengths < mel.shape[2]).any())
-        x = mel
-        for conv, stride in ((self.conv1, self.stride), (self.conv2, 2)):
-            if padded:  # zero the padding so the kernel sees what an unpadded input would
-                x = x * _length_mask(lengths, x.shape[2])[:, None, :].to(x.dtype)
-            x = F.gelu(conv(x))
-            lengths = (lengths - 1) // stride + 1
-        return x.transpose(1, 2), lengths
-
     def positions(self, length: int, first: Tensor | None = None) -> Tensor:
         """Positional rows for `length` frames: (1, length, width) from 0, or (B, length,
         width) from each row's `first`."""
@@ -418,13 +453,14 @@ class _AudioEncoder(nn.Module):
             return table[None, :length]
         return table[first.to(table.device)[:, None] + torch.arange(length, device=table.device)[None, :]]
 
-    def forward_cached(self, x: Tensor, past_keys: Tensor, past_values: Tensor,
+    def forward_cached(self, x: Tensor, first: Tensor, past_keys: Tensor, past_values: Tensor,
                        past_keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The blocks over new frames `x` (B, T, width, positions added) that also attend to
-        cached keys and values (B, layers, P, width), of which `past_keep` (B, P) are
-        valid. Returns hidden (B, T, width) and the new frames' keys and values (B,
-        layers, T, width)."""
+        """The blocks over new frames' features `x` (B, T, width), row b's first at position
+        `first[b]`, that also attend to cached keys and values (B, layers, P, width),
+        oldest first, of which `past_keep` (B, P) are valid. Returns hidden (B, T, width)
+        and the new frames' keys and values (B, layers, T, width)."""
         b, t, _ = x.shape
+        x = x + self.positions(t, first).to(x.dtype)
         keep = torch.cat([past_keep, past_keep.new_ones(b, t)], 1)[:, None, None, :]
         keys, values = [], []
         for i, block in enumerate(self.blocks):
@@ -462,6 +498,8 @@ class S3Model(nn.Module):
 
     def __init__(self, config: S3Config) -> None:
         super().__init__()
+        if config.version != "v1":
+            raise ConfigInvalid("version", f"S3Model is the v1 network, got {config.version!r}; use build_s3_model")
         self.config = config
         self.encoder = _AudioEncoder(config)
         self.quantizer = _VectorQuantizer(config.width, config.codebook_size)
@@ -473,6 +511,26 @@ class S3Model(nn.Module):
         return self.quantizer(hidden), out_lengths
 
 
+def build_s3_model(config: S3Config) -> nn.Module:
+    """The network `config.version` names: `S3Model` (v1) or `S3ModelV2` (v2); both take
+    (mel, lengths, first_position) and have `encoder` and `quantizer`."""
+    if config.version == "v2":
+        from .s3_tokenizer_v2 import S3ModelV2
+
+        return S3ModelV2(config)
+    return S3Model(config)
+
+
+def tiny_config_for(token_rate: int, codebook_size: int, **changes: Any) -> S3Config:
+    """The tiny tokenizer (width 64, 4 heads, 2 layers) for a model's speech codes:
+    CosyVoice2's 6561 codes come from the v2 architecture (only FSQ makes 3**8 codes);
+    any other size is v1's codebook."""
+    tiny: dict[str, Any] = {"width": 64, "heads": 4, "layers": 2, **changes}
+    if codebook_size == V2_CODEBOOK_SIZE:
+        return S3Config.v2(token_rate=token_rate, **tiny)
+    return S3Config(codebook_size=codebook_size, token_rate=token_rate, **tiny)
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -480,16 +538,17 @@ class S3Tokenizer(SpeechTokenizer):
     """S3 tokenizer: whole-utterance `encode` and per-call `new_stream()`.
 
     Build with `random`, `load`, `from_state_dict_file` or `from_onnx`; the constructor
-    takes an already built `S3Model`. Thread-safe for concurrent `encode` and streams
+    takes an already built network (`build_s3_model`). Thread-safe for concurrent `encode` and streams
     (inference only; the weights are never written after loading)."""
 
-    def __init__(self, model: S3Model, *, device: torch.device | str = "cpu",
+    def __init__(self, model: nn.Module, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         self.config: S3Config = model.config
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        # The codebook stays float32: a half-precision codebook would move argmin ties.
+        # The quantiser stays float32: half precision would move argmin ties (v1) and
+        # rounding boundaries (v2).
         self.model.quantizer.float()
         self.sample_rate = self.config.sample_rate
         self.token_rate = self.config.token_rate
@@ -508,18 +567,19 @@ class S3Tokenizer(SpeechTokenizer):
         generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = S3Model(config)
-        # Unit rows, as the encoder output is normalised before the search: random rows of
-        # unequal length would let the shortest few win every frame.
-        embed = torch.randn(config.codebook_size, config.width, generator=generator)
-        model.quantizer._codebook.embed.copy_(F.normalize(embed, dim=-1))
+            model = build_s3_model(config)
+        if config.version == "v1":
+            # Unit rows, as the encoder output is normalised before the search: random rows
+            # of unequal length would let the shortest few win every frame.
+            embed = torch.randn(config.codebook_size, config.width, generator=generator)
+            model.quantizer._codebook.embed.copy_(F.normalize(embed, dim=-1))
         return cls(model, device=device, dtype=dtype)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor], config: S3Config, *, source: object = "<state dict>",
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> S3Tokenizer:
         """From an interchange-layout state dict; `source` names it in errors."""
-        model = S3Model(config)
+        model = build_s3_model(config)
         _check_state(model, state, source)
         model.load_state_dict(dict(state), strict=True)
         return cls(model, device=device, dtype=dtype)
@@ -538,8 +598,9 @@ class S3Tokenizer(SpeechTokenizer):
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, config: S3Config | None = None, *,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> S3Tokenizer:
-        """From an upstream `speech_tokenizer_v1.onnx`-style file: its initializers are mapped
-        to the module names. Sizes (mels, width, layers, codebook, stride, heads where the
+        """From an upstream `speech_tokenizer_v1.onnx` or `speech_tokenizer_v2.onnx`-style
+        file: its initializers are mapped to the module names. Version (v2: FSMN or FSQ
+        weights present), sizes (mels, width, layers, codebook, stride, heads where the
         graph shows them) come from the file; a given `config` must agree with them and
         supplies the rest (streaming fields; heads when the graph hides them)."""
         path = Path(path)
@@ -669,35 +730,42 @@ def _read_config(path: Path) -> S3Config:
     return S3Config.from_dict(data["config"], source=str(path))
 
 
-def _check_state(model: S3Model, state: Mapping[str, Tensor], source: object) -> None:
+def _check_state(model: nn.Module, state: Mapping[str, Tensor], source: object) -> None:
     c = model.config
-    check_state(model, state, source, f"n_mels={c.n_mels} width={c.width} layers={c.layers} "
-                f"codebook_size={c.codebook_size}")
+    check_state(model, state, source, f"version={c.version} n_mels={c.n_mels} width={c.width} "
+                f"layers={c.layers} codebook_size={c.codebook_size}")
 
 
 # --------------------------------------------------------------------------- ONNX
 
 
 # Initializer names upstream's converter knows for the two convolutions
-# (v1 50 Hz, v1 25 Hz, and our own exports).
+# (v1 50 Hz, v1 25 Hz, v2, and our own exports).
 _CONV_NAMES = {
     "onnx::Conv_1519": "encoder.conv1.weight", "onnx::Conv_1520": "encoder.conv1.bias",
     "onnx::Conv_1521": "encoder.conv2.weight", "onnx::Conv_1522": "encoder.conv2.bias",
+    "onnx::Conv_2216": "encoder.conv1.weight", "onnx::Conv_2217": "encoder.conv1.bias",
+    "onnx::Conv_2218": "encoder.conv2.weight", "onnx::Conv_2219": "encoder.conv2.bias",
     "encoders.conv1.weight": "encoder.conv1.weight", "encoders.conv1.bias": "encoder.conv1.bias",
     "encoders.conv2.weight": "encoder.conv2.weight", "encoders.conv2.bias": "encoder.conv2.bias",
 }
-# Block parameters are named by the node consuming them: "/blocks.3/attn/query/MatMul".
+# Block parameters are named by the node consuming them: "/blocks.3/attn/query/MatMul",
+# v2's FSMN "/blocks.3/attn/fsmn_block/Conv".
 _BLOCK_NODE = re.compile(
-    r"blocks\.(\d+)/(attn_ln|mlp_ln|attn/query|attn/key|attn/value|attn/out|mlp/mlp\.0|mlp/mlp\.2)"
-    r"/(MatMul|Add|Mul|Add_1|LayerNormalization)$")
+    r"blocks\.(\d+)/(attn_ln|mlp_ln|attn/query|attn/key|attn/value|attn/out|attn/fsmn_block|mlp/mlp\.0|mlp/mlp\.2)"
+    r"/(MatMul|Add|Mul|Add_1|LayerNormalization|Conv)$")
 # Which op's initializer is which parameter: linear layers are MatMul + Add, decomposed
 # LayerNorms Mul (scale) + Add_1 (shift; their Add adds epsilon).
 _BLOCK_ROLE = {("linear", "MatMul"): "weight", ("linear", "Add"): "bias",
-               ("ln", "Mul"): "weight", ("ln", "Add_1"): "bias"}
+               ("ln", "Mul"): "weight", ("ln", "Add_1"): "bias", ("fsmn", "Conv"): "weight"}
+# v2's FSQ projection, by the initializer names upstream's converter maps (the graph calls
+# it project_in, the converted state dict project_down); the weight is stored (in, out).
+_FSQ_NAMES = {"quantizer.project_in.bias": "quantizer._codebook.project_down.bias",
+              "onnx::MatMul_2536": "quantizer._codebook.project_down.weight"}
 _CODEBOOK_NODE = re.compile(r"quantizer/.*_codebook/Pow_1$")
 
 
-def _read_onnx(path: Path) -> tuple[dict[str, Tensor], dict[str, int]]:
+def _read_onnx(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     _require_file(path)
     try:
         import onnx
@@ -720,6 +788,8 @@ def _map_onnx(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             state[_CONV_NAMES[name]] = value
         elif name.endswith("positional_embedding"):
             state["encoder.positional_embedding"] = value
+        elif name in _FSQ_NAMES and value.ndim in (1, 2) and value.shape[-1] == 8:
+            state[_FSQ_NAMES[name]] = value.T if value.ndim == 2 else value
     conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
     for index, node in enumerate(conv_nodes[:2]):
         if len(node.input) >= 3 and node.input[1] in arrays and node.input[1] not in _CONV_NAMES:
@@ -749,7 +819,8 @@ def _node_params(node, arrays: dict[str, np.ndarray]):
             if name in arrays:
                 yield f"{prefix}.{key}", arrays[name]
         return
-    role = _BLOCK_ROLE.get(("ln" if module.endswith("_ln") else "linear", op))
+    kind = "ln" if module.endswith("_ln") else "fsmn" if module.endswith("fsmn_block") else "linear"
+    role = _BLOCK_ROLE.get((kind, op))
     if role is None:
         return
     for name in node.input:
@@ -758,12 +829,17 @@ def _node_params(node, arrays: dict[str, np.ndarray]):
             yield f"{prefix}.{role}", value.T if value.ndim == 2 else value
 
 
-def _infer_sizes(path: Path, graph, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, int]:
+def _infer_sizes(path: Path, graph, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, Any]:
     conv1 = state.get("encoder.conv1.weight")
     if conv1 is None or conv1.ndim != 3:
-        raise CheckpointError(path, "no conv1 weight (n_state x n_mels x 3) found: not an S3 tokenizer v1 file")
+        raise CheckpointError(path, "no conv1 weight (n_state x n_mels x 3) found: not an S3 tokenizer file")
     width, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
-    inferred = {"width": width, "n_mels": n_mels}
+    inferred: dict[str, Any] = {"width": width, "n_mels": n_mels}
+    project = state.get("quantizer._codebook.project_down.weight")
+    if project is not None or any(".fsmn_block." in k for k in state):
+        inferred["version"] = "v2"
+        if project is not None:
+            inferred["codebook_size"] = 3 ** int(project.shape[0])
     blocks = {int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks.")}
     inferred["layers"] = max(blocks) + 1 if blocks else 0
     embed = state.get("quantizer._codebook.embed")
@@ -815,11 +891,13 @@ def _attention_heads(graph, arrays: dict[str, np.ndarray], width: int) -> int | 
     return None
 
 
-def _merge_inferred(path: Path, inferred: dict[str, int], config: S3Config | None) -> S3Config:
+def _merge_inferred(path: Path, inferred: dict[str, Any], config: S3Config | None) -> S3Config:
     """The file's sizes win over defaults; a given config must agree with them."""
-    base = config or S3Config()
+    version = inferred.get("version", "v1")
+    base = config or (S3Config.v2() if version == "v2" else S3Config())
     sizes: dict[str, Any] = {k: inferred[k] for k in ("width", "n_mels", "layers", "codebook_size", "heads")
                              if k in inferred}
+    sizes["version"] = version
     if "heads" not in sizes and config is None and inferred["width"] % 64 == 0:
         sizes["heads"] = inferred["width"] // 64  # Whisper-family heads are 64 wide (1280/20)
     if "stride" in inferred:
