@@ -31,10 +31,11 @@ import gc
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
 
+from model.codec import DEFAULT_VOICE
 from model.errors import EngineFull, StaleSession as EngineStale
 from model.voice import Rehomed, VoiceEngine, VoiceSession
 
@@ -94,6 +95,12 @@ class Agent(ABC):
 
     def describe(self) -> dict:
         return {"agent": self.name}
+
+    def check_route_settings(self, settings: Mapping[str, Any]) -> None:
+        """At start, for each route: ValueError if the route's settings hold anything this
+        agent does not take (nothing an operator configured is silently ignored)."""
+        if settings:
+            raise ValueError(f"agent {self.name!r} takes no route settings, got {sorted(settings)}")
 
     @abstractmethod
     async def open(self, info: CallInfo, sink: AudioSink, emit: Emit, hangup: Hangup) -> AgentSession:
@@ -354,8 +361,9 @@ class OmniFlattenAgent(Agent):
     name = "omniflatten"
 
     def __init__(self, voice: VoiceEngine, metrics: AgentMetrics, *,
-                 detokenize: Callable[[list[int]], str] | None = None) -> None:
+                 detokenize: Callable[[list[int]], str] | None = None, default_voice: str | None = None) -> None:
         self.voice = voice
+        self.default_voice = default_voice  # None: the decoder's default voice
         self.metrics = metrics
         self.detokenize = detokenize or (lambda ids: "".join(f"⟨{i}⟩" for i in ids))
 
@@ -382,11 +390,26 @@ class OmniFlattenAgent(Agent):
     def describe(self) -> dict:
         return {"agent": self.name, **self.voice.describe()}
 
+    def check_route_settings(self, settings: Mapping[str, Any]) -> None:
+        unknown = sorted(set(settings) - {"voice"})
+        if unknown:
+            raise ValueError(f"agent {self.name!r} takes 'voice', not {unknown}")
+        if "voice" in settings:
+            if not isinstance(settings["voice"], str):
+                raise ValueError(f"'voice' must be a voice's name, got {settings['voice']!r}")
+            self.voice.check_voice(settings["voice"])
+
     async def open(self, info: CallInfo, sink: AudioSink, emit: Emit, hangup: Hangup) -> AgentSession:
+        name = info.settings.get("voice", self.default_voice)
         try:
-            voice = await self.voice.open_session()
+            voice = await (self.voice.open_session(name) if name is not None else self.voice.open_session())
+        except ValueError as exc:  # a voice the engine does not have (a local one is checked at start)
+            log.warning("call %s refused: %s", info.call_id, exc)
+            raise CallRefused(503, "Service Unavailable (unknown voice)") from None
         except EngineFull as exc:
             if exc.reason == "draining":
                 raise CallRefused(503, "Service Unavailable (draining)", retry_after=30) from None
             raise CallRefused(486, f"Busy Here ({exc.reason})") from None
-        return _OmniFlattenSession(self, voice, sink, emit, hangup, str(info.transport))
+        session = _OmniFlattenSession(self, voice, sink, emit, hangup, str(info.transport))
+        emit("voice", {"name": name or DEFAULT_VOICE})  # which speaker answers: the route's, --voice, or the default
+        return session

@@ -13,8 +13,8 @@ with the SIP status to answer (486 busy, 503 draining with Retry-After, 404 no r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class CallInfo:
     transport: Transport
     remote: str  # SIP From URI, or the browser's address
     local: str = ""  # the called user or number (routing)
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)  # the route's, for the agent
 
 
 class AudioSink(Protocol):

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 FRAME_SECONDS = 0.02
 CONFIRM_FRAMES = 3  # late frames at a steady offset that show the frames before them were lost
 STORED_EVENTS = frozenset({"turn", "barge-in", "dtmf", "hold", "resume", "error", "hangup-requested",
-                           "rehomed"})
+                           "rehomed", "voice"})
 
 EventListener = Callable[[str, dict], None]
 HangupHandler = Callable[[str], Awaitable[None]]

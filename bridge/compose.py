@@ -72,7 +72,13 @@ def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentM
     if settings.agent == "echo":
         return EchoAgent()
     if settings.engine == "local":
-        return OmniFlattenAgent(build_voice_engine(settings, registry), metrics)
+        voice = build_voice_engine(settings, registry)
+        if settings.voice is not None:
+            try:
+                voice.check_voice(settings.voice)
+            except ValueError as exc:
+                raise ConfigError("voice", settings.voice, str(exc)) from None
+        return OmniFlattenAgent(voice, metrics, default_voice=settings.voice)
     from model.worker_client import RemoteVoiceEngine
     from model.worker_registry import WorkerRegistry
 
@@ -81,4 +87,4 @@ def build_agent(settings: Settings, registry: CollectorRegistry, metrics: AgentM
                               model_id=settings.resolved_model_id if placement is not None else None)
     log.info("engine: remote, %s", "workers of the registry at " + str(settings.redis) if placement
              else "workers " + settings.engine)
-    return OmniFlattenAgent(voice, metrics)
+    return OmniFlattenAgent(voice, metrics, default_voice=settings.voice)

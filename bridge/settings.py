@@ -9,6 +9,7 @@ ignored. Secrets are redacted in `repr`.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +50,7 @@ class Settings:
     media_timeout: float = 30.0  # 0: off
     engine: str = "local"  # local | redis | HOST:PORT[,HOST:PORT...] (docs/worker.md)
     model_id: str | None = None
+    voice: str | None = None  # the decoder's voice for calls whose route names none
     sip: SipSettings = field(default_factory=SipSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -118,6 +120,12 @@ def _engine(text: str) -> str:
         raise ValueError(f"expected local, redis or HOST:PORT[,HOST:PORT...] of workers ({exc})") from None
 
 
+def _voice(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise ValueError("1-64 letters, digits, '_' or '-' (a voice of the model's decoder)")
+    return text
+
+
 def _model_id(text: str) -> str:
     if not text or len(text) > 128 or any(c.isspace() for c in text):
         raise ValueError("1-128 characters, no spaces")
@@ -148,6 +156,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "(engine workers found in the --redis registry) or HOST:PORT[,HOST:PORT...] (fixed workers)", "WHERE"),
     Option("model_id", _model_id, "the model's id for placement: a worker publishes it, a bridge with a remote "
            "engine only uses workers that serve it (default: the --model folder's name, or tiny-random)", "ID"),
+    Option("voice", _voice, "the speaker the decoder speaks in for calls whose route names none: a voice "
+           "of the model's decoder (decoder/voices/NAME.npz; default: its default voice, decoder/voice.npz)",
+           "NAME"),
     Option("media_timeout", _media_timeout, "hang up a call (reason media-timeout) when no caller audio has "
            "arrived for this long; calls on hold are spared (default 30; 0: off)", "SECONDS"),
 )

@@ -41,7 +41,7 @@ from .sip_front import CALLED_HEADER, ROUTE_HEADER, SipFront
 from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
 from .sip_media import MediaTicker
 from .sip_metrics import SipMetrics
-from .sip_routes import RouteTable
+from .sip_routes import Route, RouteTable
 from .sip_siblings import Siblings
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class SipLeg:
         SIP port is taken, StackError when the stack cannot start. A failed start unwinds."""
         listen = self.settings.sip_listen
         if self.sip.routes is not None:
-            self.routes = RouteTable.load(self.sip.routes, self.settings.agent)
+            self.routes = RouteTable.load(self.sip.routes, self.settings.agent, self.manager.agent.check_route_settings)
         entries = load_accounts(self.sip.accounts, self.sip.codecs) if self.sip.accounts else []
         stack_host = self.sip.public_address or listen.host
         if stack_host in ("0.0.0.0", "::"):
@@ -196,7 +196,7 @@ class SipLeg:
             return
         called = headers.get(CALLED_HEADER.lower(), "")
         self._settle_when_up(stack_call)
-        self._admit_and_answer(stack_call, local=called)
+        self._admit_and_answer(stack_call, local=called, route=route)
 
     def _settle_when_up(self, stack_call: StackCall) -> None:
         """The front counts a forwarded INVITE as pending until the call is established
@@ -221,9 +221,9 @@ class SipLeg:
             log.info("call to account %s: no route for %r; refused", entry.name, entry.spec.user)
             self._bg.spawn(stack_call.reject())
             return
-        self._admit_and_answer(stack_call, local=entry.spec.user)
+        self._admit_and_answer(stack_call, local=entry.spec.user, route=route)
 
-    def _admit_and_answer(self, stack_call: StackCall, *, local: str) -> None:
+    def _admit_and_answer(self, stack_call: StackCall, *, local: str, route: Route) -> None:
         call_id = stack_call.call_id or f"sip-{uuid.uuid4().hex[:12]}"
         if call_id in self._calls:
             self._bg.spawn(stack_call.reject())
@@ -231,10 +231,10 @@ class SipLeg:
         call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local,
                        media_timeout=self.settings.media_timeout)
         self._track(call)
-        self._bg.spawn(self._answer(call))
+        self._bg.spawn(self._answer(call, route))
 
-    async def _answer(self, call: SipCall) -> None:
-        info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local)
+    async def _answer(self, call: SipCall, route: Route) -> None:
+        info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local, settings=route.settings)
         try:
             session = await self.manager.admit(info, call.sink)
         except CallRefused as exc:

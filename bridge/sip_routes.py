@@ -4,7 +4,7 @@ The routes file is JSON:
 
     {"routes": [
         {"match": "bot", "agent": "echo"},
-        {"match": "+4930*", "agent": "omniflatten", "name": "berlin", "settings": {"lang": "de"}},
+        {"match": "+4930*", "agent": "omniflatten", "name": "berlin", "settings": {"voice": "anna"}},
         {"match": "*", "agent": "echo"}
     ]}
 
@@ -13,20 +13,20 @@ Exact matches win, then the longest prefix. An unmatched call is refused with 40
 front door, never left ringing. With no routes file, every call goes to `--agent` (the
 embedded default table holds one catch-all route). This process serves one agent, so a
 route naming another agent is a configuration error at start, not a surprise mid-call.
+`settings` go to the agent with each call of the route; the agent checks them at start
+(omniflatten takes `voice`: a voice of its decoder), and refuses anything it does not take.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 from .options import json_entries
 
 __all__ = ["Route", "RouteTable"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,10 @@ class RouteTable:
         return cls([Route("*", agent, "default")])
 
     @classmethod
-    def load(cls, path: Path, served_agent: str) -> "RouteTable":
-        """Raises ConfigError naming the file and the entry that is wrong."""
+    def load(cls, path: Path, served_agent: str,
+             check: Callable[[Mapping[str, Any]], None] | None = None) -> "RouteTable":
+        """Raises ConfigError naming the file and the entry that is wrong. `check`: the
+        served agent's check of a route's settings (ValueError saying what is wrong)."""
         items = json_entries("sip_routes", path, "routes", '{"routes": [{"match": ..., "agent": ...}]}')
         routes: list[Route] = []
         seen: set[str] = set()
@@ -71,8 +73,11 @@ class RouteTable:
             settings = item.get("settings", {})
             if not isinstance(settings, dict):
                 raise ConfigError("sip_routes", str(path), f"{where}: 'settings' must be an object")
-            if settings:  # kept with the route; no agent takes per-route settings yet: say so
-                log.warning("%s: %s: 'settings' %s are not used by agent %r yet", path, where, sorted(settings), agent)
+            if check is not None:
+                try:
+                    check(settings)
+                except ValueError as exc:
+                    raise ConfigError("sip_routes", str(path), f"{where}: settings: {exc}") from None
             routes.append(Route(match, agent, str(item.get("name") or match), settings))
         return cls(routes)
 

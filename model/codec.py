@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-__all__ = ["SpeechTokenizer", "TokenizerStream", "SpeechDecoder", "DecoderStream"]
+__all__ = ["SpeechTokenizer", "TokenizerStream", "SpeechDecoder", "DecoderStream", "DEFAULT_VOICE"]
 
 
 class TokenizerStream(ABC):
@@ -60,12 +60,25 @@ class DecoderStream(ABC):
     def reset(self) -> None: ...
 
 
+DEFAULT_VOICE = "default"
+
+
 class SpeechDecoder(ABC):
     sample_rate: int  # 22050 or 24000
     token_rate: int
+    voices: tuple[str, ...] = (DEFAULT_VOICE,)  # the speakers new_stream can take
 
     @abstractmethod
-    def new_stream(self) -> DecoderStream: ...
+    def new_stream(self, voice: str | None = None) -> DecoderStream:
+        """A stream in `voice` (None: the default); ValueError naming the known voices
+        for any other."""
+
+    def check_voice(self, voice: str | None) -> str:
+        """`voice`, or the default for None; ValueError if this decoder has no such voice."""
+        name = DEFAULT_VOICE if voice is None else voice
+        if name not in self.voices:
+            raise ValueError(f"no voice {name!r}: this decoder has {', '.join(sorted(self.voices))}")
+        return name
 
     def push_many(self, streams: list[DecoderStream], codes: list[np.ndarray]) -> list[np.ndarray]:
         """`push` on many streams (one chunk each). Implementations batch the work; this

@@ -70,8 +70,8 @@ class TickDecoder:
         self.decoder = decoder
         self._pool: list[DecoderStream] = []  # warm-up streams
 
-    def new_stream(self) -> DecoderStream:
-        return self.decoder.new_stream()
+    def new_stream(self, voice: str | None = None) -> DecoderStream:
+        return self.decoder.new_stream(voice)
 
     def push(self, streams: list[DecoderStream], codes: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
         """Each stream's audio for its chunk of codes, and the seconds it took."""

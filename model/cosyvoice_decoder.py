@@ -40,16 +40,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from .codec import DecoderStream, SpeechDecoder
+from .codec import DEFAULT_VOICE, DecoderStream, SpeechDecoder
 from .cosyvoice_encoder import EncoderConfig
 from .cosyvoice_estimator import EstimatorConfig
 from .cosyvoice_flow import V2, CosyVoiceFlow, FlowConfig, load_flow
@@ -61,6 +62,7 @@ from .errors import CheckpointError
 __all__ = ["CosyVoiceDecoder", "DecoderSettings", "Voice", "KIND", "tiny_flow_config", "tiny_hift_config"]
 
 KIND = "cosyvoice"
+VOICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class DecoderSettings:
     context_tokens: int = 20  # v1: codes of the stream's past re-fed to the flow as prompt
     overlap_frames: int = 8  # mel frames HiFT repeats, cross-fades and holds back
     seed: int = 0  # each stream's noise generator
-    chunk_tokens: int = 10  # v2: codes per attention chunk (the model's chunk: one per push)
+    chunk_tokens: int = 0  # v2: codes per attention chunk; 0: a reply's first push's (the model's chunk)
     left_chunks: int = 2  # v2: chunks before its own a chunk attends to (< 0: all; memory grows)
 
     def __post_init__(self) -> None:
@@ -80,8 +82,8 @@ class DecoderSettings:
             raise ValueError(f"guidance must be 0..10, got {self.guidance}")
         if self.context_tokens < 0 or self.overlap_frames < 0:
             raise ValueError("context_tokens and overlap_frames must be >= 0")
-        if self.chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0 (0: the pushes' size), got {self.chunk_tokens}")
 
 
 @dataclass
@@ -115,10 +117,11 @@ def tiny_hift_config(family: str) -> HiFTConfig:
 
 
 class CosyVoiceDecoder(SpeechDecoder):
-    """Flow + HiFT + a voice. Thread-safe for concurrent streams (inference only)."""
+    """Flow + HiFT + voices (the default one and any named others). Thread-safe for
+    concurrent streams (inference only)."""
 
     def __init__(self, flow: CosyVoiceFlow, hift: HiFTGenerator, voice: Voice,
-                 settings: DecoderSettings | None = None) -> None:
+                 settings: DecoderSettings | None = None, voices: Mapping[str, Voice] | None = None) -> None:
         self.settings = settings or DecoderSettings()
         s = self.settings
         # Steps and guidance are the solver's, not the weights': set them on its config.
@@ -129,7 +132,11 @@ class CosyVoiceDecoder(SpeechDecoder):
         self.hift = hift.eval()
         self.family = "v2" if config.version == V2 else "v1"
         self._primed_lock = threading.Lock()
+        self._voices: dict[str, Voice] = {}
+        self._primed: dict[tuple[str, int], FlowStream] = {}  # v2: each voice prompt's chunks, once per grid
         self.voice = voice
+        for name, other in (voices or {}).items():
+            self.add_voice(name, other)
         self.sample_rate = hift.config.sample_rate
         self.token_rate = config.input_frame_rate
         self.codebook_size = config.vocab_size
@@ -150,8 +157,8 @@ class CosyVoiceDecoder(SpeechDecoder):
         c = self.flow.config
         return codes * c.token_mel_ratio if c.version == V2 else c.v1_frames(codes)
 
-    def new_stream(self) -> DecoderStream:
-        return CosyVoiceStream(self)
+    def new_stream(self, voice: str | None = None) -> DecoderStream:
+        return CosyVoiceStream(self, self.check_voice(voice))
 
     def push_many(self, streams: list[DecoderStream], codes: list[np.ndarray]) -> list[np.ndarray]:
         """One push per stream, batched (model/cosyvoice_stream.py)."""
@@ -159,21 +166,40 @@ class CosyVoiceDecoder(SpeechDecoder):
 
     @property
     def voice(self) -> Voice:
-        return self._voice
+        """The default voice."""
+        return self._voices[DEFAULT_VOICE]
 
     @voice.setter
     def voice(self, voice: Voice) -> None:
-        self._voice = voice
-        self._primed: FlowStream | None = None  # v2: the voice prompt's chunks, computed once
+        self.add_voice(DEFAULT_VOICE, voice)
 
-    def flow_stream(self) -> FlowStream:
-        """v2: a new utterance's flow state, the voice's prompt already in it."""
+    @property
+    def voices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._voices)
+
+    def add_voice(self, name: str, voice: Voice) -> None:
+        """Add (or replace) a named voice; a route or `--voice` picks it by name."""
+        if not VOICE_NAME.fullmatch(name):
+            raise ValueError(f"voice name {name!r}: use 1-64 letters, digits, '_' or '-'")
+        _check_voice(voice, name)
         with self._primed_lock:
-            if self._primed is None:
-                v, s = self._voice, self.settings
-                self._primed = FlowStream(self.flow, v.embedding, v.prompt_tokens, v.prompt_mel,
-                                          s.chunk_tokens, s.left_chunks).prime()
-            return self._primed.copy()
+            self._voices[name] = voice
+            self._primed = {key: p for key, p in self._primed.items() if key[0] != name}
+
+    def voice_of(self, name: str) -> Voice:
+        return self._voices[name]
+
+    def flow_stream(self, voice: str = DEFAULT_VOICE, push_size: int = 10) -> FlowStream:
+        """v2: a new utterance's flow state, the voice's prompt already in it; its chunks
+        are `chunk_tokens` codes, or (0) `push_size`, so that each push completes one."""
+        chunk = self.settings.chunk_tokens or max(1, push_size)
+        with self._primed_lock:
+            primed = self._primed.get((voice, chunk))
+            if primed is None:
+                v = self._voices[voice]
+                primed = self._primed[voice, chunk] = FlowStream(self.flow, v.embedding, v.prompt_tokens,
+                                                                 v.prompt_mel, chunk, self.settings.left_chunks).prime()
+            return primed.copy()
 
     # ---- building, saving, loading ---------------------------------------------------------
 
@@ -189,13 +215,16 @@ class CosyVoiceDecoder(SpeechDecoder):
 
     def save(self, folder: str | Path) -> None:
         """`folder/`: decoder.json (kind, family, configs, settings), flow.pt and hift.pt
-        (plain state dicts in the official layout) and voice.npz."""
+        (plain state dicts in the official layout), voice.npz (the default voice) and
+        voices/NAME.npz (the others)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.flow.state_dict(), folder / "flow.pt")
         torch.save(self.hift.state_dict(), folder / "hift.pt")
-        np.savez(folder / "voice.npz", embedding=self.voice.embedding, prompt_tokens=self.voice.prompt_tokens,
-                 prompt_mel=self.voice.prompt_mel)
+        for name, voice in self._voices.items():
+            path = folder / "voice.npz" if name == DEFAULT_VOICE else folder / "voices" / f"{name}.npz"
+            path.parent.mkdir(exist_ok=True)
+            np.savez(path, embedding=voice.embedding, prompt_tokens=voice.prompt_tokens, prompt_mel=voice.prompt_mel)
         meta = {"kind": KIND, "family": self.family, "flow": dataclasses.asdict(self.flow.config),
                 "hift": dataclasses.asdict(self.hift.config), "settings": dataclasses.asdict(self.settings)}
         (folder / "decoder.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -223,8 +252,14 @@ class CosyVoiceDecoder(SpeechDecoder):
         flow = load_flow(folder / "flow.pt", flow_config, device=device)
         hift = load_hift(folder / "hift.pt", hift_config, map_location=device)
         voice = _load_voice(folder / "voice.npz")
+        others = {}
+        for path in sorted((folder / "voices").glob("*.npz")):
+            if path.stem == DEFAULT_VOICE or not VOICE_NAME.fullmatch(path.stem):
+                raise CheckpointError(path, f"voice name {path.stem!r}: use 1-64 letters, digits, '_' or '-' "
+                                      f"(the default voice is voice.npz)")
+            others[path.stem] = _load_voice(path)
         try:
-            return cls(flow, hift.to(device), voice, settings or saved)
+            return cls(flow, hift.to(device), voice, settings or saved, others)
         except ValueError as exc:  # the flow's and HiFT's rates disagree
             raise CheckpointError(meta_path, str(exc)) from None
 
@@ -257,8 +292,17 @@ def _load_voice(path: Path) -> Voice:
         raise CheckpointError(path, "the voice file is missing") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(path, f"not a voice file (embedding, prompt_tokens, prompt_mel): {exc}") from None
-    if voice.embedding.shape != (192,):
-        raise CheckpointError(path, f"embedding has shape {voice.embedding.shape}, expected (192,)")
-    if voice.prompt_mel.ndim != 2 or voice.prompt_mel.shape[1] != 80:
-        raise CheckpointError(path, f"prompt_mel has shape {voice.prompt_mel.shape}, expected (frames, 80)")
+    try:
+        _check_voice(voice, path.stem)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
     return voice
+
+
+def _check_voice(voice: Voice, name: str) -> None:
+    if voice.embedding.shape != (192,):
+        raise ValueError(f"voice {name!r}: embedding has shape {voice.embedding.shape}, expected (192,)")
+    if voice.prompt_mel.ndim != 2 or voice.prompt_mel.shape[1] != 80:
+        raise ValueError(f"voice {name!r}: prompt_mel has shape {voice.prompt_mel.shape}, expected (frames, 80)")
+    if voice.prompt_tokens.ndim != 1:
+        raise ValueError(f"voice {name!r}: prompt_tokens has shape {voice.prompt_tokens.shape}, expected (n,)")

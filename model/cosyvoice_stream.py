@@ -32,8 +32,9 @@ _RAMP_SECONDS = 0.005
 class CosyVoiceStream(DecoderStream):
     """One call's decoder state. Not thread-safe."""
 
-    def __init__(self, decoder: CosyVoiceDecoder) -> None:
+    def __init__(self, decoder: CosyVoiceDecoder, voice: str) -> None:
         self._d = decoder
+        self.voice = voice
         self._generator = torch.Generator(device=decoder.device)  # HiFT draws its noise on the model's device
         self.reset()
 
@@ -46,6 +47,7 @@ class CosyVoiceStream(DecoderStream):
         self._flow_stream: FlowStream | None = None  # v2: the utterance's cached flow
         self._waiting: list[bool] = []  # v2: spoken (or muted) flags of codes whose mel is still to come
         self._mel_tail: torch.Tensor | None = None  # last overlap frames of mel
+        self._mel_wait: tuple[torch.Tensor, np.ndarray] | None = None  # a reply's first mel, too short to vocode
         self._source_tail: torch.Tensor | None = None  # the source under them
         self._speech_tail = np.zeros(0, np.float32)  # held back for the next cross-fade
         self._tail_gain = np.zeros(0, np.float32)  # the mute over the held mel tail's samples
@@ -56,9 +58,9 @@ class CosyVoiceStream(DecoderStream):
 
     # ---- the flow ---------------------------------------------------------------------------
 
-    def _flow_v2(self) -> FlowStream:
+    def _flow_v2(self, push_size: int) -> FlowStream:
         if self._flow_stream is None:
-            self._flow_stream = self._d.flow_stream()
+            self._flow_stream = self._d.flow_stream(self.voice, push_size)
         return self._flow_stream
 
     def _take_flags(self, spoken: np.ndarray, mel: torch.Tensor) -> np.ndarray:
@@ -71,7 +73,7 @@ class CosyVoiceStream(DecoderStream):
     def _flow_v1(self, codes: np.ndarray) -> torch.Tensor:
         """(80, frames) mel of the new codes, continuing the context."""
         d = self._d
-        voice = d.voice
+        voice = d.voice_of(self.voice)
         frames = d.mel_frames(self._spoken + len(codes)) - d.mel_frames(self._spoken)
         prompt_tokens = np.concatenate([voice.prompt_tokens, np.asarray(self._codes, np.int64)])
         prompt_mel = torch.cat([torch.from_numpy(voice.prompt_mel), self._mel.T], dim=0)
@@ -111,9 +113,9 @@ class CosyVoiceStream(DecoderStream):
         if envelope is not None:
             gain[len(gain) - len(envelope):] = envelope
         speech = speech * gain
-        self._tail_gain = gain[len(gain) - overlap * hop:].copy() if overlap else gain[:0]
-        if not overlap:
+        if not overlap or x.shape[1] <= overlap:  # nothing to hold back: a reply that ends this short
             return speech
+        self._tail_gain = gain[len(gain) - overlap * hop:].copy()
         self._mel_tail = x[:, -overlap:]
         self._source_tail = source[..., -overlap * hop:]
         n = overlap * hop
@@ -161,7 +163,7 @@ def decode_many(decoder: CosyVoiceDecoder, streams: list[CosyVoiceStream], codes
         if d.family == "v2":
             todo = [p for p in pushes if not p.ends or (p.stream._flow_stream is not None
                                                         and p.stream._flow_stream.pending)]
-            mels = FlowStream.push_many([p.stream._flow_v2() for p in todo],
+            mels = FlowStream.push_many([p.stream._flow_v2(len(p.filled)) for p in todo],
                                         [p.filled[:0] if p.ends else p.filled for p in todo],
                                         finish=[p.ends for p in todo])
             for p, mel in zip(todo, mels):
@@ -171,8 +173,25 @@ def decode_many(decoder: CosyVoiceDecoder, streams: list[CosyVoiceStream], codes
             for p in pushes:
                 if not p.ends:
                     p.mel, p.flags = p.stream._flow_v1(p.filled), p.spoken
+        for p in pushes:
+            _hold_short_first_mel(p, d.settings.overlap_frames)
         _vocode_many(d, [p for p in pushes if p.mel is not None and p.mel.shape[1]])
     return [_assemble(p) for p in pushes]
+
+
+def _hold_short_first_mel(p: _Push, overlap: int) -> None:
+    """A reply's first HiFT call must have more than `overlap` frames (it holds that many
+    back): fewer wait for the next push's, unless the reply ends."""
+    stream = p.stream
+    if stream._mel_wait is not None:
+        mel, flags = stream._mel_wait
+        stream._mel_wait = None
+        if p.mel is not None:
+            mel, flags = torch.cat([mel, p.mel], dim=1), np.concatenate([flags, p.flags])
+        p.mel, p.flags = mel, flags
+    if (p.mel is not None and stream._mel_tail is None and 0 < p.mel.shape[1] <= overlap
+            and not p.ends):
+        stream._mel_wait, p.mel = (p.mel, p.flags), None
 
 
 def _vocode_many(d: CosyVoiceDecoder, pushes: list[_Push]) -> None:

@@ -68,7 +68,8 @@ class StandInToneDecoder(SpeechDecoder):
         ratio = code / max(self.codebook_size - 1, 1)
         return float(self.low_hz * (self.high_hz / self.low_hz) ** ratio)
 
-    def new_stream(self) -> DecoderStream:
+    def new_stream(self, voice: str | None = None) -> DecoderStream:
+        self.check_voice(voice)  # tones have one voice
         return _ToneStream(self)
 
     def to_dict(self) -> dict:

@@ -95,6 +95,7 @@ class _SessionState:
     row: int | None = None  # ENGINE THREAD: assigned when the open command runs
     stream: TokenizerStream | None = None  # ENGINE THREAD
     voice: DecoderStream | None = None  # ENGINE THREAD
+    voice_name: str | None = None  # the decoder's voice (None: its default)
     codes: collections.deque = field(default_factory=collections.deque)  # ENGINE THREAD
 
 
@@ -338,8 +339,14 @@ class Engine(WorkerThread):
             llm += self.decoder_costs.project(batch) or 0.0
         return llm
 
-    def open_session(self, prompt: Sequence[int] = (), sampling: SamplingConfig | None = None) -> EngineSession:
-        """Admit a session or raise EngineFull at once (refuse the call before answering)."""
+    def open_session(self, prompt: Sequence[int] = (), sampling: SamplingConfig | None = None,
+                     voice: str | None = None) -> EngineSession:
+        """Admit a session or raise EngineFull at once (refuse the call before answering).
+        `voice`: the decoder's voice for its speech (ValueError if it has none such)."""
+        if voice is not None:
+            if self._decoder is None:
+                raise ValueError(f"voice {voice!r} asked of an engine without a speech decoder")
+            self._decoder.decoder.check_voice(voice)
         with self._cv:
             reason = None
             if self._draining or self._stopping:
@@ -358,7 +365,7 @@ class Engine(WorkerThread):
                 raise EngineFull(reason, detail)
             sid = self._next_id
             self._next_id += 1
-            self._sessions[sid] = _SessionState(tuple(prompt), sampling)
+            self._sessions[sid] = _SessionState(tuple(prompt), sampling, voice_name=voice)
             self._commands.append(("open", sid))
             self.metrics.slots_used.set(len(self._sessions))
             self._cv.notify_all()
@@ -553,7 +560,7 @@ class Engine(WorkerThread):
                 if self._tokenizer is not None:
                     state.stream = self._tokenizer.new_stream()
                 if self._decoder is not None:
-                    state.voice = self._decoder.new_stream()
+                    state.voice = self._decoder.new_stream(state.voice_name)
             else:
                 row = rows.pop(sid, None)
                 if row is not None:

@@ -82,8 +82,14 @@ class VoiceEngine(ABC):
         """Open no new sessions from now on."""
 
     @abstractmethod
-    async def open_session(self) -> VoiceSession:
-        """A session, or EngineFull (reason: no_slot, deadline, draining) at once."""
+    async def open_session(self, voice: str | None = None) -> VoiceSession:
+        """A session speaking in `voice` (None: the decoder's default), or EngineFull
+        (reason: no_slot, deadline, draining) at once; ValueError for a voice the decoder
+        does not have."""
+
+    def check_voice(self, voice: str) -> None:
+        """ValueError if `voice` is known not to exist (at start, for the routes). A remote
+        engine's workers check it when a session opens."""
 
     @abstractmethod
     def describe(self) -> dict:
@@ -125,8 +131,11 @@ class LocalVoiceEngine(VoiceEngine):
     def drain(self) -> None:
         self.engine.drain()
 
-    async def open_session(self) -> LocalVoiceSession:
-        return LocalVoiceSession(self, self.engine.open_session())
+    async def open_session(self, voice: str | None = None) -> LocalVoiceSession:
+        return LocalVoiceSession(self, self.engine.open_session(voice=voice))
+
+    def check_voice(self, voice: str) -> None:
+        self.decoder.check_voice(voice)
 
     def describe(self) -> dict:
         stats = self.engine.stats()

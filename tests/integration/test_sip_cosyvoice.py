@@ -17,13 +17,15 @@ share of the tick is printed."""
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.integration.serve_process import REPO
+from tests.integration.serve_process import REPO, free_port
 from tests.integration.sip_peers import BaresipPeer, BridgeProcess, eventually, metric_value, read_wav, tone_sweep_wav
 
 pytestmark = pytest.mark.slow
@@ -42,13 +44,42 @@ def model_dir(workdir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "CosyVoice v2 decoder" in done.stdout, done.stdout
     assert (out / "decoder" / "decoder.json").is_file() and not (out / "decoder.json").exists()
+    # 2 Euler steps instead of 10: the decoder runs on the engine's tick, and admission
+    # refuses a call whose projected tick (10 steps: about 300 ms of the 400 ms chunk on a
+    # quiet 2-core box) does not fit; a busy CI box must still take the one call.
+    meta = json.loads((out / "decoder" / "decoder.json").read_text())
+    meta["settings"]["steps"] = 2
+    (out / "decoder" / "decoder.json").write_text(json.dumps(meta))
+    # A second voice, "anna" (another speaker x-vector), that the calls' route picks.
+    with np.load(out / "decoder" / "voice.npz") as z:
+        voice = dict(z)
+    (out / "decoder" / "voices").mkdir()
+    np.savez(out / "decoder" / "voices" / "anna.npz", **{**voice, "embedding": -voice["embedding"]})
     return out
+
+
+def routes_file(workdir, voice: str):
+    path = workdir / f"routes-{voice}.json"
+    path.write_text(json.dumps({"routes": [{"match": "*", "name": "all", "settings": {"voice": voice}}]}))
+    return path
+
+
+def test_a_voice_the_decoder_lacks_stops_the_start_naming_it(model_dir, workdir):
+    for args, named in ((["--sip-routes", str(routes_file(workdir, "bob"))], "routes[0]"), (["--voice", "bob"], "voice")):
+        done = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+                               "--slots", "1", "--sip-listen", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+                               "--http-listen", f"127.0.0.1:{free_port()}", "--rtp-ports", "26000-26999", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, done.stdout + done.stderr
+        assert named in done.stderr and "'bob'" in done.stderr and "anna, default" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_call_hears_the_cosyvoice_decoder(model_dir, workdir):
     wav = tone_sweep_wav(workdir / "sweep.wav", LINE_RATE, tail_s=1.5)  # 4.8 s of caller audio
     with BridgeProcess("--model", str(model_dir), "--agent", "omniflatten", "--slots", "1", "--device", "cpu",
-                       "--rtp-ports", "26000-26999", workdir=workdir) as bridge:
+                       "--sip-routes", str(routes_file(workdir, "anna")), "--rtp-ports", "26000-26999",
+                       workdir=workdir) as bridge:
         log = bridge.log()
         assert f"model loaded from {model_dir}" in log, log
         assert "stand-in" not in log.lower(), log
@@ -91,6 +122,7 @@ def test_call_hears_the_cosyvoice_decoder(model_dir, workdir):
     # Continuous once the assistant speaks: while it never went back to listening, no hole
     # longer than 0.6 s (the first chunk's held-back 160 ms and this busy box's jitter fit).
     turns = [e["data"].get("assistant") for e in record.get("events", []) if e["kind"] == "turn"]
+    assert [e["data"] for e in record.get("events", []) if e["kind"] == "voice"] == [{"name": "anna"}], record
     holes, run = [], 0
     for is_loud in loud[first:last]:
         run = 0 if is_loud else run + 1

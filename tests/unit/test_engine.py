@@ -10,7 +10,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from model.checkpoint import build_model, tiny_config
-from model.cosyvoice_decoder import CosyVoiceDecoder, DecoderSettings
+from model.cosyvoice_decoder import CosyVoiceDecoder, DecoderSettings, Voice
 from model.config import SamplingConfig
 from model.engine import Engine
 from model.errors import EngineFull, StaleSession
@@ -199,3 +199,33 @@ def test_the_decoder_runs_on_the_tick_and_each_result_carries_its_audio(model):
     get = registry.get_sample_value
     assert get("duplexline_engine_decoder_duration_seconds_count") >= n_chunks
     assert get("duplexline_engine_decoder_duration_seconds_sum") > 0
+
+
+def test_a_session_speaks_in_the_voice_it_opened_with(model):
+    decoder = CosyVoiceDecoder.random("v1", settings=DecoderSettings(steps=2))
+    rng = np.random.default_rng(9)
+    decoder.add_voice("anna", Voice(rng.standard_normal(192).astype(np.float32), rng.integers(0, 4096, 6),
+                                    (rng.standard_normal((decoder.mel_frames(6), 80)) - 5.0).astype(np.float32)))
+
+    async def main():
+        engine = Engine(model, slots=2, decoder=decoder, registry=CollectorRegistry(), headroom=None,
+                        warmup=False).start()
+        try:
+            with pytest.raises(ValueError, match="'bob'"):
+                engine.open_session(voice="bob")
+            session = engine.open_session(voice="anna")
+            return [await asyncio.wait_for(session.step(c), 60) for c in chunks_for(model, 30, 2)]
+        finally:
+            engine.close()
+
+    with torch.random.fork_rng(devices=[]):
+        results = asyncio.run(main())
+    anna, default = decoder.new_stream("anna"), decoder.new_stream()
+    heard_default = False
+    for r in results:
+        codes = np.asarray(r.speech_codes, np.int64)
+        np.testing.assert_allclose(r.pcm, anna.push(codes), rtol=0, atol=1e-4)
+        heard_default |= bool(np.abs(r.pcm - default.push(codes)).max() > 1e-3)
+    assert heard_default  # not the default voice's audio
+    with pytest.raises(ValueError, match="without a speech decoder"):
+        Engine(model, slots=1, registry=CollectorRegistry(), warmup=False).open_session(voice="anna")
