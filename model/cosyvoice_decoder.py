@@ -118,7 +118,8 @@ def tiny_hift_config(family: str) -> HiFTConfig:
 
 class CosyVoiceDecoder(SpeechDecoder):
     """Flow + HiFT + voices (the default one and any named others). Thread-safe for
-    concurrent streams (inference only)."""
+    concurrent streams (inference only). It owns its flow: it sets the solver's steps and
+    guidance on the flow's config, so two decoders must not share one flow module."""
 
     def __init__(self, flow: CosyVoiceFlow, hift: HiFTGenerator, voice: Voice,
                  settings: DecoderSettings | None = None, voices: Mapping[str, Voice] | None = None) -> None:

@@ -203,7 +203,7 @@ def _vocode_many(d: CosyVoiceDecoder, pushes: list[_Push]) -> None:
         cache = p.stream._source_tail
         groups.setdefault((x.shape[1], 0 if cache is None else cache.shape[-1]), []).append((p, x))
     for (_, cached), members in groups.items():
-        mel = torch.stack([x for _, x in members]).to(d.device, d.dtype)
+        mel = torch.stack([x for _, x in members]).to(d.device, next(d.hift.parameters()).dtype)  # HiFT's own dtype
         f0 = d.hift.f0(mel)
         source = torch.cat([d.hift.source(f0[i:i + 1], stochastic=True, generator=p.stream._generator)
                             for i, (p, _) in enumerate(members)])

@@ -37,7 +37,7 @@ class StreamCache:
         if past is None:
             past = x.new_zeros(x.shape[0], x.shape[1], n)
         x = torch.cat([past, x], dim=2)
-        self._convs[module] = x[:, :, x.shape[2] - n:]
+        self._convs[module] = x[:, :, x.shape[2] - n:].clone()  # not a view keeping the whole input alive
         return x
 
     def past_length(self, module: nn.Module) -> int:
@@ -53,7 +53,7 @@ class StreamCache:
             first = past[0].shape[2]
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         cut = 0 if self.keep is None else max(0, k.shape[2] - self.keep)
-        self._attention[module] = (k[:, :, cut:], v[:, :, cut:])
+        self._attention[module] = (k[:, :, cut:].clone(), v[:, :, cut:].clone()) if cut else (k, v)
         return k, v, first
 
     def clone(self) -> StreamCache:
