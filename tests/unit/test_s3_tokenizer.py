@@ -17,6 +17,8 @@ from model.errors import CheckpointError, ConfigInvalid
 from model.s3_frontend import LogMel, n_frames, slaney_mel_filters
 from model.s3_tokenizer import CONFIG_FILE, LEGACY_STREAMING, WEIGHTS_FILE, S3Config, S3Model, S3Tokenizer
 
+from .onnx_graph import OnnxGraph
+
 SR = 16000
 TINY = dict(width=64, heads=4, layers=2, codebook_size=64)
 
@@ -26,6 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny(**kw) -> S3Config:
     return S3Config(**{**TINY, **kw})
+
+
+def tiny_v2(**kw) -> S3Config:
+    """CosyVoice2's tokenizer architecture at the tiny widths."""
+    return S3Config.v2(**{**dict(width=64, heads=4, layers=2), **kw})
 
 
 def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
@@ -225,8 +232,12 @@ def test_encode_is_deterministic_and_seeded(tok, audio):
     assert not np.array_equal(a, S3Tokenizer.random(tiny(), seed=5).encode(audio))
 
 
-def test_padding_is_masked(tok, audio):
-    """A padded batch row gives the codes of the unpadded utterance."""
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_padding_is_masked(version, audio):
+    """A padded batch row gives the codes of the unpadded utterance (v2: its FSMN memory
+    and attention ignore the padding too)."""
+    tok = S3Tokenizer.random(tiny() if version == "v1" else tiny_v2(), seed=0)
+    rate = tok.config.token_rate
     short, long_ = audio[:SR], audio
     mels = [tok.log_mel(short), tok.log_mel(long_)]
     batch = torch.zeros(2, 128, mels[1].shape[1])
@@ -234,17 +245,20 @@ def test_padding_is_masked(tok, audio):
     batch[1] = mels[1]
     with torch.inference_mode():
         codes, lengths = tok.model(batch, torch.tensor([mels[0].shape[1], mels[1].shape[1]]))
-    assert lengths.tolist() == [50, 200]
-    assert np.array_equal(codes[0, :50].numpy(), tok.encode(short))
+    assert lengths.tolist() == [rate, 4 * rate]
+    assert np.array_equal(codes[0, :rate].numpy(), tok.encode(short))
     assert np.array_equal(codes[1].numpy(), tok.encode(long_))
 
 
-def test_long_audio_is_windowed(tok):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_long_audio_is_windowed(version):
+    tok = S3Tokenizer.random(tiny() if version == "v1" else tiny_v2(), seed=0)
+    rate = tok.config.token_rate
     x = speechlike(35.0, seed=2)
     codes = tok.encode(x)
-    assert len(codes) == 35 * 50
+    assert len(codes) == 35 * rate
     # The first window keeps its first 28 s (30 s minus half the 4 s overlap).
-    assert np.array_equal(codes[:1400], tok.encode(x[:30 * SR])[:1400])
+    assert np.array_equal(codes[:28 * rate], tok.encode(x[:30 * SR])[:28 * rate])
 
 
 def test_bfloat16_runs(audio):
@@ -330,19 +344,10 @@ def _write_onnx(path, tok: S3Tokenizer, style: str = "v1_50hz", with_heads: bool
     names, block weights named by the node that consumes them (MatMul weights stored
     (in, out)), the codebook stored (width, codes) under `_codebook/Pow_1`. Nodes carry the
     names only; the graph is not meant to run."""
-    import onnx
-    from onnx import helper, numpy_helper
-
+    g = OnnxGraph()
+    init, node = g.init, g.node
     sd = {k: v.detach().float().numpy() for k, v in tok.model.state_dict().items()}
-    inits, nodes = [], []
     counter = iter(range(1600, 100000))
-
-    def init(name, value):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def node(op, name, inputs, **attrs):
-        nodes.append(helper.make_node(op, inputs, [f"{name}_out"], name=name, **attrs))
 
     conv_names = (["onnx::Conv_1519", "onnx::Conv_1520", "onnx::Conv_1521", "onnx::Conv_1522"]
                   if style == "v1_50hz" else
@@ -375,11 +380,7 @@ def _write_onnx(path, tok: S3Tokenizer, style: str = "v1_50hz", with_heads: bool
     embed = init(f"onnx::Pow_{next(counter)}", sd["quantizer._codebook.embed"].T)
     node("Pow", "/quantizer/rq/model/layers.0/_codebook/Pow_1", [embed, "two"])
     node("MatMul", "/quantizer/rq/model/layers.0/_codebook/MatMul", ["x", embed])
-    graph = helper.make_graph(
-        nodes + [helper.make_node("Identity", ["x"], ["y"], name="Identity")], "s3",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=inits)
-    onnx.save(helper.make_model(graph), str(path))
+    g.save(path, "s3")
 
 
 @pytest.mark.parametrize("style,rate", [("v1_50hz", 50), ("v1_25hz", 25)])

@@ -20,15 +20,14 @@ from model.s3_tokenizer import (CONFIG_FILE, WEIGHTS_FILE, S3Config, S3Model, S3
                                 tiny_config_for)
 from model.s3_tokenizer_v2 import FSQ_SCALE, fsq_codes, rotate
 
-from .test_s3_tokenizer import SR, speechlike
+from .onnx_graph import OnnxGraph
+from .test_s3_tokenizer import SR, speechlike, tiny_v2
+from .test_tokenizer_window import _local
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(width=64, heads=4, layers=2)
-
-
-def tiny(**kw) -> S3Config:
-    return S3Config.v2(**{**TINY, **kw})
+tiny = tiny_v2
 
 
 @pytest.fixture(scope="module")
@@ -262,28 +261,6 @@ def test_codes_per_second(tok, seconds):
         assert len(tok.encode(speechlike(1.0)[:n])) == tok.config.tokens_for_samples(n)
 
 
-def test_padding_is_masked(tok, audio):
-    """A padded batch row gives the codes of the unpadded utterance (FSMN memory and
-    attention ignore the padding)."""
-    short = audio[:SR]
-    mels = [tok.log_mel(short), tok.log_mel(audio)]
-    batch = torch.zeros(2, 128, mels[1].shape[1])
-    batch[0, :, :mels[0].shape[1]] = mels[0]
-    batch[1] = mels[1]
-    with torch.inference_mode():
-        codes, lengths = tok.model(batch, torch.tensor([mels[0].shape[1], mels[1].shape[1]]))
-    assert lengths.tolist() == [25, 100]
-    assert np.array_equal(codes[0, :25].numpy(), tok.encode(short))
-    assert np.array_equal(codes[1].numpy(), tok.encode(audio))
-
-
-def test_long_audio_is_windowed(tok):
-    x = speechlike(35.0, seed=2)
-    codes = tok.encode(x)
-    assert len(codes) == 35 * 25
-    assert np.array_equal(codes[:700], tok.encode(x[:30 * SR])[:700])
-
-
 def test_encode_is_seeded_and_bfloat16_runs(tok, audio):
     a = tok.encode(audio)
     assert np.array_equal(a, S3Tokenizer.random(tiny(), seed=0).encode(audio))
@@ -336,22 +313,13 @@ def test_stream_flush_completes_and_short_utterances_equal_encode(encoder):
     assert np.array_equal(stream.flush(), t.encode(short))
 
 
-def _local_model(config: S3Config) -> S3Tokenizer:
-    """Attention outputs zeroed, FSMN memory kept: each code depends on the convolutions'
-    few frames and, through the memory, on 15 codes each side per layer (2 layers: 30
-    codes = 1.2 s). A window covering that must reproduce `encode` exactly."""
-    t = S3Tokenizer.random(config, seed=3)
-    with torch.no_grad():
-        for block in t.model.encoder.blocks:
-            block.attn.out.weight.zero_()
-            block.attn.out.bias.zero_()
-    return t
-
-
 @pytest.mark.parametrize("encoder", ["cache", "reencode"])
 def test_stream_matches_encode_for_a_local_model(encoder):
     x = speechlike(4.0, seed=5)
-    covering = _local_model(tiny(lookback_seconds=1.28, lookahead_seconds=1.24, stream_encoder=encoder))
+    # Attention outputs zeroed, FSMN memory kept: each code depends on the convolutions'
+    # few frames and, through the memory, on 15 codes each side per layer (2 layers: 30
+    # codes = 1.2 s). A window covering that must reproduce `encode` exactly.
+    covering = _local(tiny(lookback_seconds=1.28, lookahead_seconds=1.24, stream_encoder=encoder))
     assert np.array_equal(stream_codes(covering, x), covering.encode(x))
     # The memory's reach is real: half the window is not exact.
     short = covering.with_streaming(lookback_seconds=0.6, lookahead_seconds=0.6)
@@ -361,7 +329,7 @@ def test_stream_matches_encode_for_a_local_model(encoder):
 def test_utterance_positions_are_exact_across_long_audio_segments():
     """61 s (segments at 26 s and 52 s) with a 3 s look-back that must stop at each
     segment's start; noise keeps the log-mel floor from binding (as the v1 test)."""
-    t = _local_model(tiny(lookback_seconds=3.0, lookahead_seconds=1.24))
+    t = _local(tiny(lookback_seconds=3.0, lookahead_seconds=1.24))
     x = speechlike(61.0, seed=5) + 0.03 * np.random.default_rng(1).standard_normal(61 * SR).astype(np.float32)
     assert np.array_equal(stream_codes(t, x), t.encode(x))
 
@@ -542,19 +510,10 @@ def _write_onnx_v2(path, tok: S3Tokenizer) -> None:
     weights stored (in, out); LayerNormalization nodes; the FSMN's Conv), the FSQ
     projection as onnx::MatMul_2536 (stored (in, out)) and quantizer.project_in.bias.
     Nodes carry the names only; the graph is not meant to run."""
-    import onnx
-    from onnx import helper, numpy_helper
-
+    g = OnnxGraph()
+    init, node = g.init, g.node
     sd = {k: v.detach().float().numpy() for k, v in tok.model.state_dict().items()}
-    inits, nodes = [], []
     counter = iter(range(3000, 100000))
-
-    def init(name, value):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def node(op, name, inputs, **attrs):
-        nodes.append(helper.make_node(op, inputs, [f"{name}_out"], name=name, **attrs))
 
     for i, conv in enumerate(("conv1", "conv2")):
         w = init(f"onnx::Conv_{2216 + 2 * i}", sd[f"encoder.{conv}.weight"])
@@ -579,11 +538,7 @@ def _write_onnx_v2(path, tok: S3Tokenizer) -> None:
          ["x", init("onnx::MatMul_2536", sd["quantizer._codebook.project_down.weight"].T)])
     bias = init("quantizer.project_in.bias", sd["quantizer._codebook.project_down.bias"])
     node("Add", "/quantizer/project_in/Add", [bias, "x"])
-    graph = helper.make_graph(
-        nodes + [helper.make_node("Identity", ["x"], ["y"], name="Identity")], "s3v2",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=inits)
-    onnx.save(helper.make_model(graph), str(path))
+    g.save(path, "s3v2")
 
 
 def test_onnx_in_upstreams_v2_naming_loads(tok, audio, tmp_path):
