@@ -280,11 +280,20 @@ class FlowMatching(nn.Module):
             self._noise = torch.randn(1, c.output_size, c.noise_frames, generator=generator)
         return self._noise[:, :, :frames]
 
+    @property
+    def rows_per_item(self) -> int:
+        """Estimator rows per item: 2 with guidance, 1 without (its row would weigh 0)."""
+        return 2 if self.config.inference_cfg_rate else 1
+
     def velocity_pair(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
                       streaming: bool | ChunkGrid = False, cache: StreamCache | None = None) -> Tensor:
         """The estimator on two rows per item: row 2i conditioned on (mu, spks, cond) of
         item i, row 2i+1 with all three zero. x, mu, cond (B, 80, T); mask (B, 1, T);
-        spks (B, 80) -> (2B, 80, T)."""
+        spks (B, 80) -> (2B, 80, T). With guidance 0, the conditioned rows only (B, 80, T)."""
+        if self.rows_per_item == 1:
+            return self.estimator(x, mask, mu, t.reshape(1).expand(x.shape[0]), spks, cond,
+                                  streaming=streaming, cache=cache)
+
         def pair(a: Tensor, zero: bool = True) -> Tensor:
             return torch.stack([a, torch.zeros_like(a) if zero else a], dim=1).flatten(0, 1)
 
@@ -295,6 +304,8 @@ class FlowMatching(nn.Module):
     def guide(self, pair: Tensor) -> Tensor:
         """Classifier-free guidance of a `velocity_pair`: (1 + w) row 2i - w row 2i+1."""
         w = self.config.inference_cfg_rate
+        if self.rows_per_item == 1:
+            return pair
         return (1.0 + w) * pair[0::2] - w * pair[1::2]
 
     def solve(self, noise: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor,

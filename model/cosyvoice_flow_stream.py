@@ -198,8 +198,9 @@ class FlowStream:
             mask = torch.ones(len(streams), 1, n, device=device, dtype=dtype)
             x = flow.decoder.solve(noise, mu, mask, spks, cond, caches=steps)
         # Pair rows (guidance) are interleaved per stream: two rows each in the estimator's caches.
+        rows = [flow.decoder.rows_per_item] * len(streams)
         for stream, t, f, *per_step in zip(streams, tokens.split(sizes), frames.split(sizes),
-                                           *[cache.split([2] * len(streams)) for cache in steps]):
+                                           *[cache.split(rows) for cache in steps]):
             stream._encoder_tokens, stream._encoder_frames, stream._estimator = t, f, list(per_step)
         out = []
         for i, (stream, chunk) in enumerate(zip(streams, chunks)):

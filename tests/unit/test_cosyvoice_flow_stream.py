@@ -127,3 +127,27 @@ def test_many_streams_batched_equal_each_alone(flow):
 def test_a_v1_flow_is_refused():
     with pytest.raises(ValueError, match="v2"):
         FlowStream(CosyVoiceFlow(tiny_flow_config("v1")), *voice(0))
+
+
+def test_without_guidance_the_unconditional_row_is_not_run(flow):
+    """Guidance 0: (1 + 0) v(x | mu) - 0 v(x | 0) is the conditioned row alone, so the
+    estimator runs one row per stream, not two; the mel is what the two-row solver gives."""
+    import dataclasses
+
+    codes = np.random.default_rng(7).integers(0, 6561, 20)
+    p = voice(0)
+    two_rows = dataclasses.replace(flow.config, inference_cfg_rate=1e-30)  # weighs ~0, still runs the row
+    saved = flow.config
+    try:
+        flow.config = flow.decoder.config = two_rows
+        with_row = torch.cat(streamed(FlowStream(flow, *p).prime(), codes, [10]), dim=1)
+        flow.config = flow.decoder.config = dataclasses.replace(saved, inference_cfg_rate=0.0)
+        batches = []
+        forward = flow.decoder.estimator.forward
+        flow.decoder.estimator.forward = lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k)
+        without = torch.cat(streamed(FlowStream(flow, *p).prime(), codes, [10]), dim=1)
+    finally:
+        flow.config = flow.decoder.config = saved
+        del flow.decoder.estimator.forward
+    assert set(batches) == {1}
+    torch.testing.assert_close(without, with_row, rtol=0, atol=1e-4)
