@@ -1,6 +1,7 @@
 """The `duplexline` command: the composition root, the only place that reads the
 environment. Subcommands: `serve` (the bridge), `worker` (an engine worker for bridges'
-calls), `dial` (place a call through a running bridge), `model init` (write a tiny model)."""
+calls), `dial` (place a call through a running bridge), `model init` (write a tiny model),
+`data synth` / `data prepare` (training data), `train` (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from .errors import ConfigError
 from .process import configure_logging
 from .settings import add_serve_arguments, settings_from
+from .data_prepare import add_prepare_parser
+from .data_synth import add_synth_parser
 from .sip_dial_cli import add_dial_parser
 from .worker_cli import add_worker_parser
 
@@ -46,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny random CosyVoice flow + HiFT decoder files in the official layout: v1 (50 Hz "
                       "codes, 22.05 kHz) or v2 (25 Hz, 6561 codes, 24 kHz); default: the stand-in tone decoder")
     init.set_defaults(func=_model_init)
+
+    data = sub.add_parser("data", help="training data: synthetic phone dialogues, tokenized shards")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    add_synth_parser(data_sub)
+    add_prepare_parser(data_sub)
     return parser
 
 
