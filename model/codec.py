@@ -6,6 +6,7 @@ stream object made by `new_stream()`, the (large, shared) weights in the codec o
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -46,6 +47,12 @@ class SpeechTokenizer(ABC):
         """`push` on many streams (one per call). Implementations batch the work; this
         default does them one by one."""
         return [s.push(p) for s, p in zip(streams, pcms)]
+
+    def lead_frames(self, frame_seconds: float = 0.02) -> int:
+        """Frames of leading silence a call's first chunk carries beyond a chunk: the
+        look-ahead rounded up to whole frames (the engine's `lead_frames`, and what
+        training data streams the caller's channel with)."""
+        return math.ceil(self.lookahead_samples / (frame_seconds * self.sample_rate) - 1e-9)
 
 
 class DecoderStream(ABC):

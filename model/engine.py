@@ -394,8 +394,7 @@ class Engine(WorkerThread):
         """See `EngineSession.lead_frames`."""
         if self._tokenizer is None:
             return 0
-        tok = self._tokenizer.tokenizer
-        return math.ceil(tok.lookahead_samples / (frame_seconds * tok.sample_rate) - 1e-9)
+        return self._tokenizer.tokenizer.lead_frames(frame_seconds)
 
     def _align(self, handle: EngineSession, first_frame: float, frame_seconds: float) -> int:
         frames = round(self.period / frame_seconds)

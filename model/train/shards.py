@@ -109,10 +109,8 @@ Record = Union[PairCodes, DialogueCodes]
 
 
 def lead_samples(tokenizer: SpeechTokenizer, frame_seconds: float = FRAME_SECONDS) -> int:
-    """Leading silence of a call's first push: the look-ahead in whole frames, as
-    model/engine.py `Engine.lead_frames` computes it."""
-    frame = round(frame_seconds * tokenizer.sample_rate)
-    return math.ceil(tokenizer.lookahead_samples / frame - 1e-9) * frame
+    """Leading silence of a call's first push, in samples: the engine's lead frames."""
+    return tokenizer.lead_frames(frame_seconds) * round(frame_seconds * tokenizer.sample_rate)
 
 
 def stream_user_codes(tokenizer: SpeechTokenizer, pcms: list[np.ndarray], chunk_samples: int, lead: int,
