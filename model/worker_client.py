@@ -29,14 +29,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from .errors import EngineFull, StaleSession
 from .futures import fail, resolve
 from .voice import Rehomed, VoiceEngine, VoiceSession
-from .worker_protocol import VERSION, PerPass, ProtocolError, control, pack_audio, parse_control, unpack_results
+from .worker_protocol import (VERSION, PerPass, ProtocolError, audio_bytes, control, pack_audio, parse_control,
+                              pieces, unpack_results)
 from .worker_registry import RegistryUnavailable, WorkerRegistry
 
 __all__ = ["RemoteVoiceEngine", "RemoteVoiceSession"]
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 8 << 20
+MAX_MESSAGE = 8 << 20  # bytes: a worker's messages are ~128 KB (PIECE_BYTES), one session's results at least
 
 
 class RemoteMetrics:
@@ -196,9 +197,13 @@ class RemoteVoiceEngine(VoiceEngine):
     async def _connect(self, address: str) -> _Link:
         assert self._http is not None, "start() first"
         ws = await self._http.ws_connect(f"http://{address}/ws", timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
-                                         max_msg_size=MAX_MESSAGE, autoping=False)
+                                         max_msg_size=MAX_MESSAGE, autoping=False, compress=0)
         link = _Link(self, address, ws)
-        await link.greet()
+        try:
+            await link.greet()
+        except BaseException:
+            await ws.close()  # a worker of another version, or silent: not left open
+            raise
         self._links[address] = link
         return link
 
@@ -245,6 +250,7 @@ class _Link:
         self._replies: dict[int, asyncio.Future] = {}
         self._last_seen = time.monotonic()
         self._loop = asyncio.get_running_loop()
+        self._sending = asyncio.Lock()  # one batch's messages at a time: a session's chunks stay in order
         self._audio: PerPass[tuple[int, int, np.ndarray]] = PerPass(self._loop, self._send_audio)
         self._tasks: list[asyncio.Task] = []
 
@@ -314,7 +320,13 @@ class _Link:
 
     def _send_audio(self, items: list[tuple[int, int, np.ndarray]]) -> None:
         if not self.dead:
-            self._loop.create_task(self._send(self.ws.send_bytes(pack_audio(items))))
+            self._loop.create_task(self._send(self._write_audio(items)))
+
+    async def _write_audio(self, items: list[tuple[int, int, np.ndarray]]) -> None:
+        # Piece by piece (PIECE_BYTES): the worker unpacks the first while this packs the next.
+        async with self._sending:
+            for piece in pieces(items, audio_bytes):
+                await self.ws.send_bytes(pack_audio(piece))
 
     # ---- the connection's tasks ------------------------------------------------------------
 

@@ -1,9 +1,10 @@
-"""The bridge-worker protocol's messages (docs/worker.md), version 1, over one WebSocket
+"""The bridge-worker protocol's messages (docs/worker.md), version 2, over one WebSocket
 per bridge-worker pair, many sessions on it.
 
 Control messages are JSON text frames `{"t": kind, ...}`. Audio, both ways, travels in
-binary frames, each carrying every session's chunk that was ready in the same moment
-(one message per tick, not one per call per frame):
+binary frames, each carrying the chunks of many sessions (what was ready in the same
+moment, cut into messages of at most `PIECE_BYTES` of audio so that the receiver starts
+on the first while the rest is still being packed and sent):
 
     b"DL" | version (u8) | kind (u8) | header length (u32, little-endian) | JSON header | payload
 
@@ -11,8 +12,10 @@ binary frames, each carrying every session's chunk that was ready in the same mo
   each item's 16 kHz audio as int16 little-endian, in order (callers' audio is 16-bit
   already: int16 halves the bytes and loses nothing);
 - kind RESULTS (worker to bridge): header `{"items": [[sid, seq, [[text_ids, speech_codes,
-  dropped, samples], ...]], ...]}`, payload every chunk's audio as float32 little-endian
-  at the decoder's rate, in order (what the decoder made, bit for bit).
+  dropped, samples], ...]], ...]}`, payload every chunk's audio at the decoder's rate as
+  int16 little-endian, in order, made by `line_pcm16`: exactly the 16 bits the bridge's
+  line makes of the decoder's float32 audio (bridge/line_audio.py), so that a caller hears
+  the same samples from a remote engine as from a local one, for half the bytes.
 """
 
 from __future__ import annotations
@@ -20,21 +23,29 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
 from .voice import VoiceChunk
 
-__all__ = ["PerPass", "VERSION", "AUDIO", "RESULTS", "ProtocolError", "control", "parse_control", "pack_audio",
-           "unpack_audio", "pack_results", "unpack_results"]
+__all__ = ["PerPass", "VERSION", "AUDIO", "RESULTS", "PIECE_BYTES", "ProtocolError", "control", "parse_control",
+           "pack_audio", "unpack_audio", "pack_results", "unpack_results", "pieces", "audio_bytes",
+           "result_bytes", "line_pcm16"]
 
-VERSION = 1
+VERSION = 2
 AUDIO = 1
 RESULTS = 2
 _MAGIC = b"DL"
 _PREFIX = struct.Struct("<2sBBI")
 MAX_ITEMS = 4096  # sessions in one message: far above any worker's slots
+# Audio bytes per binary message (one item at least): a tick of 256 sessions is 1.6 MB up
+# and 2.3 MB down; in pieces this size the receiver unpacks the first while the sender
+# packs the next (on another core), and each piece stays in the CPU's cache. Measured
+# (256 sessions aligned, bench/worker.py's stand-in): 64-128 kB best, 256 kB+ slower.
+PIECE_BYTES = 1 << 17
+_INT = {int}
+_TO_FLOAT = np.float32(1.0 / 32768.0)
 
 
 class ProtocolError(ValueError):
@@ -55,9 +66,22 @@ def parse_control(text: str) -> dict:
     return message
 
 
-def _pack(kind: int, header: dict, payload: bytes) -> bytes:
+def line_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """The decoder's float audio as the bridge's line turns it into 16-bit samples
+    (bridge/line_audio.py, `LineAudio.play`: `np.clip(pcm * 32768.0, -32768, 32767)
+    .astype(np.int16)`, scale, clip, truncate), the same operations: the line plays
+    `line_pcm16(x) / 32768` exactly as it plays `x` (the scale by 2**15 is exact, so the
+    line gets the same int16 back). tests/unit/test_worker_protocol.py holds the two to
+    that."""
+    scaled = pcm * 32768.0
+    np.clip(scaled, -32768, 32767, out=scaled)  # in place: one temporary, not two
+    return scaled.astype(np.int16)
+
+
+def _pack(kind: int, header: dict, payload: np.ndarray) -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(_MAGIC, VERSION, kind, len(head)) + head + payload
+    # One copy of the audio, into the message itself (join takes the array's buffer).
+    return b"".join((_PREFIX.pack(_MAGIC, VERSION, kind, len(head)), head, payload))
 
 
 def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
@@ -83,20 +107,52 @@ def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return type(x) is int  # JSON gives int, float, bool, str, None, list or dict: not bool
 
 
 def _ints(x: object) -> bool:
-    return isinstance(x, list) and all(_is_int(v) for v in x)
+    return type(x) is list and _INT.issuperset(map(type, x))  # one C loop, not one call per value
+
+
+def audio_bytes(item: tuple[int, int, np.ndarray]) -> int:
+    return 2 * len(item[2])
+
+
+def result_bytes(item: tuple[int, int, list[VoiceChunk]]) -> int:
+    return 2 * sum(len(c.pcm) for c in item[2])
+
+
+T = TypeVar("T")
+
+
+def pieces(items: list[T], nbytes: Callable[[T], int], limit: int | None = None) -> Iterator[list[T]]:
+    """`items` in order, cut into runs of at most `limit` (PIECE_BYTES) audio bytes, one
+    item at least: one message each."""
+    limit = PIECE_BYTES if limit is None else limit
+    piece: list[T] = []
+    size = 0
+    for item in items:
+        n = nbytes(item)
+        if piece and size + n > limit:
+            yield piece
+            piece, size = [], 0
+        piece.append(item)
+        size += n
+    if piece:
+        yield piece
 
 
 def pack_audio(items: list[tuple[int, int, np.ndarray]]) -> bytes:
     """(sid, seq, float32 audio in [-1, 1] from int16 frames) per session. One conversion
     over every session's audio at once: per-session numpy calls cost more than the data."""
     header = {"items": [[sid, seq, len(a)] for sid, seq, a in items]}
-    audio = np.concatenate([a for _, _, a in items]) if items else np.zeros(0, np.float32)
-    pcm = np.clip(np.round(audio * np.float32(32768.0)), -32768, 32767).astype("<i2")
-    return _pack(AUDIO, header, pcm.tobytes())
+    audio = np.concatenate([a for _, _, a in items], dtype=np.float32) if items else np.zeros(0, np.float32)
+    # In place on the message's own copy: temporaries of this size (~250 kB) are fresh
+    # pages from the kernel each time (malloc gives them back between ticks).
+    np.multiply(audio, np.float32(32768.0), out=audio)
+    np.rint(audio, out=audio)
+    np.clip(audio, -32768, 32767, out=audio)
+    return _pack(AUDIO, header, audio.astype("<i2"))
 
 
 def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
@@ -113,53 +169,51 @@ def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
     if at != len(payload):
         raise ProtocolError("an audio message's payload is longer than its items")
     # One conversion for the whole message; each session gets its own slice of it.
-    audio = np.frombuffer(payload, dtype="<i2").astype(np.float32) * np.float32(1.0 / 32768.0)
+    audio = np.multiply(np.frombuffer(payload, dtype="<i2"), _TO_FLOAT, dtype=np.float32)
     return [(sid, seq, audio[start:start + n]) for sid, seq, start, n in out]
 
 
 def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
     header, pcm = [], []
     for sid, seq, chunks in items:
-        header.append([sid, seq, [[list(c.text_ids), list(c.speech_codes), bool(c.dropped), len(c.pcm)]
-                                  for c in chunks]])
-        pcm += [np.asarray(c.pcm, dtype="<f4") for c in chunks]
-    return _pack(RESULTS, {"items": header}, np.concatenate(pcm).tobytes() if pcm else b"")
+        header.append([sid, seq, [[c.text_ids, c.speech_codes, bool(c.dropped), len(c.pcm)] for c in chunks]])
+        pcm += [c.pcm for c in chunks]
+    audio = line_pcm16(np.concatenate(pcm)) if pcm else np.zeros(0, np.int16)
+    return _pack(RESULTS, {"items": header}, audio.astype("<i2", copy=False))
 
 
 def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
     items, payload = _unpack(data, RESULTS)
     out, at = [], 0
     for item in items:
-        if not (isinstance(item, list) and len(item) == 3 and _is_int(item[0]) and _is_int(item[1])
-                and isinstance(item[2], list)):
+        if not (type(item) is list and len(item) == 3 and _is_int(item[0]) and _is_int(item[1])
+                and type(item[2]) is list):
             raise ProtocolError("a results item is not [sid, seq, [[text, speech, dropped, samples], ...]]")
         sid, seq, chunks = item
         got = []
         for chunk in chunks:
-            if not (isinstance(chunk, list) and len(chunk) == 4 and _ints(chunk[0]) and _ints(chunk[1])
-                    and isinstance(chunk[2], bool) and _is_int(chunk[3])):
+            if not (type(chunk) is list and len(chunk) == 4 and _ints(chunk[0]) and _ints(chunk[1])
+                    and type(chunk[2]) is bool and _is_int(chunk[3])):
                 raise ProtocolError("a result is not [text_ids, speech_codes, dropped, samples]")
             text_ids, speech_codes, dropped, n = chunk
-            if n < 0 or at + 4 * n > len(payload):
+            if n < 0 or at + 2 * n > len(payload):
                 raise ProtocolError("a result's samples run past the payload")
-            got.append((tuple(text_ids), tuple(speech_codes), dropped, at // 4, n))
-            at += 4 * n
+            got.append((tuple(text_ids), tuple(speech_codes), dropped, at // 2, n))
+            at += 2 * n
         out.append((sid, seq, got))
     if at != len(payload):
         raise ProtocolError("a results message's payload is longer than its items")
-    # One copy of the whole message's audio (writable, native float32); each chunk a slice.
-    audio = np.frombuffer(payload, dtype="<f4").astype(np.float32)
+    # One conversion for the whole message (float32, k / 32768: what the line makes of it
+    # is the int16 sent); each chunk a slice.
+    audio = np.multiply(np.frombuffer(payload, dtype="<i2"), _TO_FLOAT, dtype=np.float32)
     return [(sid, seq, [VoiceChunk(text, speech, audio[start:start + n], dropped)
                         for text, speech, dropped, start, n in got]) for sid, seq, got in out]
-
-
-T = TypeVar("T")
 
 
 class PerPass(Generic[T]):
     """Items added during one pass of the event loop go out together: `send(items)` runs
     once, at the end of the pass (both sides: every session's chunk, or result, that is
-    ready in the same moment travels in one message)."""
+    ready in the same moment travels in the same messages)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Callable[[list[T]], None]) -> None:
         self._loop = loop

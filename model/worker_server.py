@@ -23,19 +23,20 @@ import gc
 import logging
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .errors import EngineFull, StaleSession
 from .voice import LocalVoiceEngine, LocalVoiceSession, VoiceChunk
-from .worker_protocol import VERSION, PerPass, ProtocolError, control, pack_results, parse_control, unpack_audio
+from .worker_protocol import (VERSION, PerPass, ProtocolError, control, pack_results, parse_control, pieces,
+                              result_bytes, unpack_audio)
 from .worker_registry import RegistryUnavailable, WorkerInfo, WorkerRegistry
 
 __all__ = ["WorkerServer"]
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 8 << 20  # bytes: 256 sessions' 220 ms chunks are ~1.8 MB
+MAX_MESSAGE = 8 << 20  # bytes: a bridge's messages are ~128 KB (PIECE_BYTES), one session's chunk at least
 LEASE_STOP_TIMEOUT = 3.0  # seconds for a publish in flight to finish at close (a Redis round trip is 2 s at most)
 
 
@@ -176,7 +177,9 @@ class WorkerServer:
         return web.json_response(body, status=200 if not self.draining else 503)
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=None)
+        # No compression: the messages are audio (deflate would cost CPU on both sides for
+        # little) and the bridge never asks for it; pings are the protocol's own.
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=None, compress=False)
         await ws.prepare(request)
         link = _Link(self, ws, request.remote or "?")
         self._links.add(link)
@@ -201,6 +204,7 @@ class _Link:
         self.bridge = peer  # until its hello names it
         self.sessions: dict[int, LocalVoiceSession] = {}
         self._loop = asyncio.get_running_loop()
+        self._sending = asyncio.Lock()  # one batch's messages at a time: a session's results stay in order
         self._results: PerPass[tuple[int, int, list[VoiceChunk]]] = PerPass(self._loop, self._send_results)
 
     def send_text(self, text: str) -> None:
@@ -222,7 +226,7 @@ class _Link:
                                        decoder_rate=s.voice.decoder.sample_rate,
                                        silent_text=s.engine.model.vocab.silent_text,
                                        lead_seconds=lookahead, draining=s.draining))
-        how = "closed"
+        how, code, reason = "closed", WSCloseCode.OK, b""
         try:
             while True:
                 try:
@@ -246,17 +250,21 @@ class _Link:
                 else:
                     break  # closed, closing or an error
         except ProtocolError as exc:
-            how = "protocol"
+            # The close frame says why (a WebSocket close reason holds 123 bytes at most).
+            how, code, reason = "protocol", WSCloseCode.PROTOCOL_ERROR, str(exc).encode()[:123]
             log.warning("bridge %s broke the protocol (%s): closing its connection", self.bridge, exc)
         finally:
             s.metrics.bridges_lost.labels(how=how).inc()
-            await self.ws.close()
+            await self.ws.close(code=code, message=reason)
 
     async def _control(self, m: dict) -> None:
         kind, sid = m["t"], m.get("sid")
         if kind == "ping":
             await self.ws.send_str(control("pong", n=m.get("n")))
         elif kind == "hello":
+            if m.get("version") != VERSION:
+                raise ProtocolError(f"protocol version {m.get('version')!r}: this worker speaks {VERSION} only "
+                                    "(update the bridge)")
             self.bridge = str(m.get("bridge_id") or self.peer)[:64]
         elif kind == "open":
             await self._open(int(sid))
@@ -316,7 +324,14 @@ class _Link:
 
     def _send_results(self, items: list[tuple[int, int, list[VoiceChunk]]]) -> None:
         if not self.ws.closed:
-            self._loop.create_task(self._send(self.ws.send_bytes(pack_results(items))))
+            self._loop.create_task(self._send(self._write_results(items)))
+
+    async def _write_results(self, items: list[tuple[int, int, list[VoiceChunk]]]) -> None:
+        # Packed piece by piece, each written as soon as it is packed: the bridge unpacks
+        # the first while this packs the next (send_bytes only waits when the socket is full).
+        async with self._sending:
+            for piece in pieces(items, result_bytes):
+                await self.ws.send_bytes(pack_results(piece))
 
     def _drop(self, sid: int) -> None:
         session = self.sessions.pop(sid, None)

@@ -2,9 +2,12 @@
 process: the same caller audio through a `LocalVoiceEngine` (built as `serve --engine
 local` builds it: the tiny model, seed 0, no --model) and through a `RemoteVoiceEngine`
 talking to a real `duplexline worker` process (the same tiny model) gives identical text
-ids, speech codes and bit-identical assistant audio, chunk for chunk (greedy decoding),
-the results of two sessions on one connection never crossed. And a bridge that breaks the
-protocol loses its own connection and sessions, nobody else's."""
+ids, speech codes and assistant audio, chunk for chunk (greedy decoding): the worker
+sends the 16 bits the bridge's line makes of the decoder's float32 (docs/worker.md), so
+the remote audio is the local one so quantised, bit for bit, and the line plays both as
+the same samples. The results of two sessions on one connection never cross. A bridge
+that breaks the protocol, or speaks another version of it, loses its own connection and
+sessions, nobody else's."""
 
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.compose import build_voice_engine
+from bridge.line_audio import LineAudio
 from bridge.settings import Settings
 from model.voice import VoiceChunk, VoiceEngine, VoiceSession
 from model.worker_client import RemoteVoiceEngine
+from model.worker_protocol import VERSION, line_pcm16
 from tests.integration.aio import run
 from tests.integration.sip_peers import eventually, metric_value
 from tests.integration.worker_process import WorkerProcess
@@ -102,7 +107,18 @@ def remote_engine(worker: WorkerProcess) -> RemoteVoiceEngine:
     return RemoteVoiceEngine(CollectorRegistry(), bridge_id="equivalence", urls=[worker.address])
 
 
-def assert_same(local: list[list[VoiceChunk]], remote: list[list[VoiceChunk]], who: str) -> None:
+def line_plays(results: list[list[VoiceChunk]], rate: int, line_rate: int) -> np.ndarray:
+    """What a caller on a `line_rate` line hears of a session's chunks (bridge/line_audio.py)."""
+    line = LineAudio(line_rate, max_playout_ms=60_000)
+    for chunks in results:
+        for c in chunks:
+            line.play(c.pcm, rate)
+    frames = round(line.depth_ms / 20)
+    assert frames > 0
+    return np.concatenate([line.next_frame() for _ in range(frames)])
+
+
+def assert_same(local: list[list[VoiceChunk]], remote: list[list[VoiceChunk]], who: str, rate: int) -> None:
     assert len(local) == len(remote) == CHUNKS
     for i, (lc, rc) in enumerate(zip(local, remote)):
         assert len(lc) == len(rc), f"{who} chunk {i}: {len(lc)} results locally, {len(rc)} remotely"
@@ -112,7 +128,11 @@ def assert_same(local: list[list[VoiceChunk]], remote: list[list[VoiceChunk]], w
             assert a.speech_codes == b.speech_codes, f"{where}: codes {a.speech_codes} != {b.speech_codes}"
             assert a.dropped == b.dropped == False, where  # noqa: E712 (a real bool)
             assert np.asarray(a.pcm).dtype == b.pcm.dtype == np.float32, where
-            assert a.pcm.shape == b.pcm.shape and a.pcm.tobytes() == b.pcm.tobytes(), f"{where}: pcm differs"
+            quantised = line_pcm16(a.pcm) * np.float32(1 / 32768)
+            assert a.pcm.shape == b.pcm.shape and quantised.tobytes() == b.pcm.tobytes(), f"{where}: pcm differs"
+    # What the caller hears: the same samples, at the line rates the bridge speaks.
+    for line_rate in (8000, 16000, 48000):
+        assert np.array_equal(line_plays(local, rate, line_rate), line_plays(remote, rate, line_rate)), line_rate
 
 
 def test_one_session_remote_equals_local_bit_for_bit(worker):
@@ -122,19 +142,20 @@ def test_one_session_remote_equals_local_bit_for_bit(worker):
     assert (local[0].chunk, local[0].lead) == (remote[0].chunk, remote[0].lead)
     assert remote[0].session.decoder_rate == local[0].session.decoder_rate
     assert remote[0].session.silent_text == local[0].session.silent_text
-    assert_same(local[0].results, remote[0].results, "session")
+    assert_same(local[0].results, remote[0].results, "session", local[0].session.decoder_rate)
     # Not vacuous: the model spoke (audio with speech codes) and wrote more than silence.
     chunks = [c for r in local[0].results for c in r]
     assert len(chunks) == CHUNKS
     assert any(code >= 0 for c in chunks for code in c.speech_codes)
     assert any(np.abs(c.pcm).max() > 0.01 for c in chunks)
+    assert np.abs(line_plays(local[0].results, local[0].session.decoder_rate, 8000)).max() > 300
 
 
 def test_two_sessions_on_one_connection_each_get_their_own_results(worker):
     local, _ = run(converse(local_engine(), (2, 3)), timeout=120)
     remote, _ = run(converse(remote_engine(worker), (2, 3)), timeout=120)
     for who, lc, rc in zip(("first", "second"), local, remote):
-        assert_same(lc.results, rc.results, who)
+        assert_same(lc.results, rc.results, who, lc.session.decoder_rate)
     # The two callers' sessions differ, so results delivered to the wrong one would show.
     first = [c.speech_codes for r in local[0].results for c in r]
     second = [c.speech_codes for r in local[1].results for c in r]
@@ -173,3 +194,21 @@ def test_a_bridge_breaking_the_protocol_loses_only_its_own_connection(worker, ba
     run(body(), timeout=60)
     assert metric_value(worker.metrics(), "duplexline_worker_bridges_lost_total", 'how="protocol"') == before + 1
     assert "Traceback" not in worker.log()
+
+
+def test_a_bridge_of_another_protocol_version_is_refused_with_the_reason(worker):
+    async def body() -> tuple:
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://{worker.address}/ws") as ws:
+            hello = await ws.receive_json(timeout=RESULT_TIMEOUT)
+            assert hello["t"] == "hello" and hello["version"] == VERSION
+            await ws.send_str(f'{{"t": "hello", "version": {VERSION - 1}, "bridge_id": "old"}}')
+            await ws.send_str('{"t": "open", "sid": 1}')  # never answered
+            closed = await ws.receive(timeout=RESULT_TIMEOUT)
+            return closed.type, closed.data, closed.extra, worker.readyz()["sessions"]
+
+    before = metric_value(worker.metrics(), "duplexline_worker_bridges_lost_total", 'how="protocol"')
+    kind, code, reason, sessions = run(body(), timeout=60)
+    assert kind == aiohttp.WSMsgType.CLOSE and code == aiohttp.WSCloseCode.PROTOCOL_ERROR
+    assert f"protocol version {VERSION - 1}" in reason and f"speaks {VERSION}" in reason, reason
+    assert sessions == 0
+    assert metric_value(worker.metrics(), "duplexline_worker_bridges_lost_total", 'how="protocol"') == before + 1

@@ -1,20 +1,25 @@
 """The bridge-worker protocol's messages (model/worker_protocol.py, docs/worker.md): what is
 packed is what is unpacked (callers' audio, which came from int16 frames, sample for
-sample; the decoder's float32 audio bit for bit), and every malformed message raises
+sample; the decoder's audio as the 16 bits the bridge's line plays, and the line plays it
+exactly as it plays the decoder's float32), and every malformed message raises
 ProtocolError (the connection is closed), never another exception or a wrong value."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from bridge.line_audio import LineAudio
 from model.voice import VoiceChunk
-from model.worker_protocol import (AUDIO, MAX_ITEMS, RESULTS, VERSION, ProtocolError, control, pack_audio,
-                                   pack_results, parse_control, unpack_audio, unpack_results)
+from model.worker_protocol import (AUDIO, MAX_ITEMS, PIECE_BYTES, RESULTS, VERSION, ProtocolError, control,
+                                   line_pcm16, pack_audio, pack_results, parse_control, pieces, unpack_audio,
+                                   unpack_results)
 
 PREFIX = struct.Struct("<2sBBI")
 
@@ -59,21 +64,56 @@ def test_empty_audio_message_round_trips():
     assert unpack_results(pack_results([])) == []
 
 
-def test_results_round_trip_bit_exact():
+def test_results_round_trip_is_what_the_line_makes_of_the_audio():
+    # Tokens exactly; audio as the 16 bits the bridge's line makes of it (line_pcm16),
+    # back as float32 k / 32768 bit for bit.
     rng = np.random.default_rng(1)
-    weird = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, np.finfo(np.float32).max, -1.0], np.float32)
+    weird = np.array([np.inf, -np.inf, -0.0, 1e-45, np.finfo(np.float32).max, -1.0, 1.0, 0.99999, -0.99999,
+                      np.nan], np.float32)
     chunks_a = [VoiceChunk((5, 6, 7), (100, -1, 4095, 0), rng.standard_normal(4800).astype(np.float32)),
                 VoiceChunk((0,), (-1, -1), weird, dropped=True)]
     chunks_b = [VoiceChunk((), (), np.zeros(0, np.float32))]
     items = [(3, 10, chunks_a), (4, 11, chunks_b), (5, 12, [])]
-    back = unpack_results(pack_results(items))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and nan: what the line would make of them
+        back = unpack_results(pack_results(items))
+        expected = [[line_pcm16(c.pcm) for c in chunks] for _, _, chunks in items]
     assert [(sid, seq, len(c)) for sid, seq, c in back] == [(3, 10, 2), (4, 11, 1), (5, 12, 0)]
-    for (_, _, sent), (_, _, got) in zip(items, back):
-        for s, g in zip(sent, got):
+    for (_, _, sent), (_, _, got), want in zip(items, back, expected):
+        for s, g, w in zip(sent, got, want):
             assert g.text_ids == s.text_ids and g.speech_codes == s.speech_codes and g.dropped == s.dropped
             assert all(type(t) is int for t in g.text_ids + g.speech_codes)
             assert g.pcm.dtype == np.float32 and g.pcm.shape == s.pcm.shape
-            assert g.pcm.tobytes() == s.pcm.tobytes(), "not bit-exact"
+            assert g.pcm.tobytes() == (w * np.float32(1 / 32768)).astype(np.float32).tobytes()
+    assert back[0][2][1].pcm[:-1].tolist() == [32767 / 32768, -1.0, 0.0, 0.0, 32767 / 32768, -1.0, 32767 / 32768,
+                                               32767 / 32768, -32767 / 32768]  # clipped, truncated
+    assert not np.array_equal(back[0][2][0].pcm, chunks_a[0].pcm)  # 16 bits, not the float itself
+
+
+def line_plays(pcm: np.ndarray, rate: int = 22050) -> np.ndarray:
+    """The int16 samples the bridge's line plays for `pcm` at its own rate (no resampling)."""
+    line = LineAudio(rate, max_playout_ms=1000.0 * len(pcm) / rate + 1000.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        line.play(pcm, rate)
+    frame = rate // 50
+    return np.concatenate([line.next_frame() for _ in range(-(-len(pcm) // frame))])[:len(pcm)]
+
+
+def test_line_pcm16_is_what_the_line_plays():
+    # The remote audio must sound exactly like the local one: the line plays the decoder's
+    # float32 and the worker's int16 (back as k / 32768) as the same samples. Fails if
+    # either conversion changes alone (rounding instead of truncation, another scale).
+    edges = np.arange(-32769, 32769, dtype=np.float64) / 32768
+    near = np.concatenate([np.nextafter(edges.astype(np.float32), np.float32(np.inf)),
+                           np.nextafter(edges.astype(np.float32), np.float32(-np.inf)), edges.astype(np.float32)])
+    rng = np.random.default_rng(2)
+    pcm = np.concatenate([near, rng.uniform(-1.2, 1.2, 20000).astype(np.float32),
+                          np.array([np.inf, -np.inf, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32)])
+    with np.errstate(over="ignore"):
+        sent = line_pcm16(pcm)
+    played = line_plays(pcm)
+    assert np.array_equal(played, line_plays(sent * np.float32(1 / 32768)))
+    assert np.array_equal(played, sent)
+    assert len(np.unique(played)) == 65536  # every int16 value came up: the comparison covers them
 
 
 def test_control_round_trip():
@@ -204,3 +244,125 @@ def test_per_pass_sends_what_one_pass_of_the_loop_added_as_one_message():
         return sent
 
     assert asyncio.run(main()) == [[0, 1, 2], [3]]
+
+
+# ---- a tick in pieces ------------------------------------------------------------------------------
+
+
+def test_pieces_keep_order_and_the_limit():
+    sizes = [50, 50, 50, 300, 10, 90, 1, 100]
+    got = list(pieces(list(range(len(sizes))), sizes.__getitem__, limit=100))
+    assert got == [[0, 1], [2], [3], [4, 5], [6], [7]]  # one item over the limit travels alone
+    assert list(pieces([], len)) == []
+
+
+class PausingSocket:
+    """A WebSocket whose first send waits (a full socket: aiohttp's send waits to drain)."""
+
+    def __init__(self, unpack) -> None:
+        self.unpack = unpack
+        self.closed = False
+        self.sent: list[list] = []
+        self.release = asyncio.Event()
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(self.unpack(data))
+        if len(self.sent) == 1:
+            await self.release.wait()
+
+
+async def passes_until(check, passes: int = 50) -> None:
+    """Let the event loop run until `check()`, for a bounded number of passes (no clock)."""
+    for _ in range(passes):
+        if check():
+            return
+        await asyncio.sleep(0)
+    assert check()
+
+
+async def two_batches(link, ws, add) -> list[list]:
+    """A tick of 40 sessions in one pass, then (while its first message waits on the
+    socket) another of 40: the messages, as sent."""
+    for sid in range(40):
+        add(sid, 1)
+    await passes_until(lambda: ws.sent)
+    for sid in range(40):
+        add(sid, 2)
+    for _ in range(10):
+        await asyncio.sleep(0)  # passes of the loop: the second batch is flushed and its task started
+    ws.release.set()
+    await passes_until(lambda: sum(len(m) for m in ws.sent) == 80)
+    return ws.sent
+
+
+def assert_in_pieces_and_in_order(sent: list[list], nbytes) -> None:
+    assert len(sent) > 2  # a tick went in several messages
+    assert all(sum(nbytes(item) for item in m) <= PIECE_BYTES for m in sent)
+    order = [(item[1], item[0]) for m in sent for item in m]
+    assert order == [(seq, sid) for seq in (1, 2) for sid in range(40)]  # no session's chunk overtakes another
+
+
+def test_a_bridge_sends_a_tick_in_pieces_one_batch_after_the_other():
+    from model import worker_client
+
+    async def main():
+        ws = PausingSocket(unpack_audio)
+        link = worker_client._Link(SimpleNamespace(), "w", ws)  # the parts _write_audio uses
+        chunk = np.zeros(3200, np.float32)  # 6.4 kB of int16: a 128 kB piece holds 20
+        return await two_batches(link, ws, lambda sid, seq: link.queue_audio(sid, seq, chunk))
+
+    assert_in_pieces_and_in_order(asyncio.run(main()), lambda item: 2 * len(item[2]))
+
+
+def test_a_worker_sends_a_tick_of_results_in_pieces_one_batch_after_the_other():
+    from model import worker_server
+
+    async def main():
+        ws = PausingSocket(unpack_results)
+        link = worker_server._Link(SimpleNamespace(), ws, "bridge")
+        chunk = VoiceChunk((1, 2), tuple(range(10)), np.zeros(4410, np.float32))
+        return await two_batches(link, ws, lambda sid, seq: link._results.add((sid, seq, [chunk])))
+
+    assert_in_pieces_and_in_order(asyncio.run(main()), lambda item: 2 * sum(len(c.pcm) for c in item[2]))
+
+
+def test_a_bridge_refuses_a_worker_of_another_version():
+    from aiohttp import WSMsgType, web
+    from prometheus_client import CollectorRegistry
+
+    from model.errors import EngineFull
+    from model.worker_client import RemoteVoiceEngine
+
+    async def main():
+        seen: list = []
+
+        async def ws_handler(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.send_str(control("hello", version=VERSION - 1, worker_id="old", model_id="m", slots=4,
+                                      chunk_seconds=0.2, decoder_rate=22050, silent_text=0, lead_seconds=0.0,
+                                      draining=False))
+            seen.append((await ws.receive(timeout=5)).type)  # the bridge hangs up, sends nothing
+            return ws
+
+        app = web.Application()
+        app.add_routes([web.get("/ws", ws_handler)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        registry = CollectorRegistry()
+        engine = RemoteVoiceEngine(registry, bridge_id="b", urls=["127.0.0.1:%d" % sock.getsockname()[1]])
+        await engine.start()
+        try:
+            with pytest.raises(EngineFull) as refused:
+                await engine.open_session()
+            assert "unreachable" in str(refused.value)
+            assert registry.get_sample_value("duplexline_engine_placements_total", {"outcome": "unreachable"}) == 1
+        finally:
+            await engine.close()
+            await runner.cleanup()
+        return seen
+
+    assert asyncio.run(main()) == [WSMsgType.CLOSE]
