@@ -402,8 +402,8 @@ class OmniFlattenAgent(Agent):
     async def open(self, info: CallInfo, sink: AudioSink, emit: Emit, hangup: Hangup) -> AgentSession:
         name = info.settings.get("voice", self.default_voice)
         try:
-            voice = await (self.voice.open_session(name) if name is not None else self.voice.open_session())
-        except ValueError as exc:  # a voice the engine does not have (a local one is checked at start)
+            voice = await self.voice.open_session(name)
+        except ValueError as exc:  # a voice the decoder lacks (a local engine's is checked at start; a worker's here)
             log.warning("call %s refused: %s", info.call_id, exc)
             raise CallRefused(503, "Service Unavailable (unknown voice)") from None
         except EngineFull as exc:

@@ -122,10 +122,10 @@ class RemoteVoiceEngine(VoiceEngine):
                                                     "rtt_ms": round(link.rtt * 1000, 2)}
                                                 for a, link in self._links.items()}}
 
-    async def open_session(self) -> RemoteVoiceSession:
+    async def open_session(self, voice: str | None = None) -> RemoteVoiceSession:
         if self._draining:
             raise EngineFull("draining", "this bridge is draining")
-        session = RemoteVoiceSession(self)
+        session = RemoteVoiceSession(self, voice)
         await self._place(session, exclude=set())
         return session
 
@@ -163,6 +163,10 @@ class RemoteVoiceEngine(VoiceEngine):
                 reasons.append(exc.reason)
                 await self._release(worker_id)
                 continue
+            except ValueError:  # a voice the model's decoder lacks: no worker of this model has it
+                self.metrics.placements.labels(outcome="refused").inc()
+                await self._release(worker_id)
+                raise
             self.metrics.placements.labels(outcome="placed").inc()
             return
         reason = "draining" if reasons and all(r == "draining" for r in reasons) else "no_slot"
@@ -275,10 +279,13 @@ class _Link:
         sid = next(self._ids)
         reply = self._replies[sid] = self._loop.create_future()
         try:
-            await self.ws.send_str(control("open", sid=sid))
+            voice = {} if session.voice is None else {"voice": session.voice}
+            await self.ws.send_str(control("open", sid=sid, **voice))
             m = await asyncio.wait_for(reply, self.engine.open_timeout)
         finally:
             self._replies.pop(sid, None)
+        if m["t"] == "refused" and m.get("reason") == "voice":
+            raise ValueError(str(m.get("detail", "")))
         if m["t"] == "refused":
             raise EngineFull(str(m.get("reason", "no_slot")), str(m.get("detail", "")))
         if self.dead:
@@ -417,8 +424,9 @@ class _Link:
 
 
 class RemoteVoiceSession(VoiceSession):
-    def __init__(self, engine: RemoteVoiceEngine) -> None:
+    def __init__(self, engine: RemoteVoiceEngine, voice: str | None = None) -> None:
         self._engine = engine
+        self.voice = voice  # the decoder's voice, asked of every worker it is placed on
         self._link: _Link | None = None
         self._sid = 0
         self._seq = 0

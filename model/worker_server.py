@@ -267,7 +267,10 @@ class _Link:
                                     "(update the bridge)")
             self.bridge = str(m.get("bridge_id") or self.peer)[:64]
         elif kind == "open":
-            await self._open(int(sid))
+            voice = m.get("voice")
+            if voice is not None and not isinstance(voice, str):
+                raise ProtocolError(f"open: 'voice' must be a string, got {voice!r}")
+            await self._open(int(sid), voice)
         elif kind == "align":
             session = self.sessions.get(int(sid))
             if session is None:
@@ -286,15 +289,19 @@ class _Link:
         else:
             raise ProtocolError(f"unknown control message {kind!r}")
 
-    async def _open(self, sid: int) -> None:
+    async def _open(self, sid: int, voice: str | None) -> None:
         s = self.server
         if sid in self.sessions:
             raise ProtocolError(f"session {sid} is open already")
         try:
-            session = await s.voice.open_session()
+            session = await s.voice.open_session(voice)
         except EngineFull as exc:
             s.metrics.refused.labels(reason=exc.reason).inc()
             await self.ws.send_str(control("refused", sid=sid, reason=exc.reason, detail=str(exc)))
+            return
+        except ValueError as exc:  # the decoder has no such voice
+            s.metrics.refused.labels(reason="voice").inc()
+            await self.ws.send_str(control("refused", sid=sid, reason="voice", detail=str(exc)))
             return
         self.sessions[sid] = session
         s.metrics.sessions.labels(bridge=self.bridge).set(len(self.sessions))

@@ -212,3 +212,25 @@ def test_a_bridge_of_another_protocol_version_is_refused_with_the_reason(worker)
     assert f"protocol version {VERSION - 1}" in reason and f"speaks {VERSION}" in reason, reason
     assert sessions == 0
     assert metric_value(worker.metrics(), "duplexline_worker_bridges_lost_total", 'how="protocol"') == before + 1
+
+
+def test_a_voice_goes_to_the_worker_and_one_it_lacks_is_refused_by_name(worker):
+    """The session's voice travels in `open`: the worker's decoder (the tiny model's tones:
+    one voice, "default") takes its own and refuses another, naming the voices it has; the
+    bridge gives up at once (every worker serves the same model) and frees the slot."""
+    async def body() -> tuple:
+        engine = remote_engine(worker)
+        await engine.start()
+        try:
+            session = await engine.open_session("default")
+            assert session.voice == "default" and session.worker is not None
+            session.close()
+            with pytest.raises(ValueError, match="'anna'.*default"):
+                await engine.open_session("anna")
+            return worker.readyz()["sessions"]
+        finally:
+            await engine.close()
+
+    before = metric_value(worker.metrics(), "duplexline_worker_refused_total", 'reason="voice"')
+    assert run(body(), timeout=60) == 0
+    assert metric_value(worker.metrics(), "duplexline_worker_refused_total", 'reason="voice"') == before + 1
