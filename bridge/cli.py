@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     add_synth_parser(data_sub)
     add_prepare_parser(data_sub)
+
+    from model.train import train_cli  # light: torch loads inside run()
+
+    train = sub.add_parser("train", help="train one stage of an OmniFlatten model (docs/training.md)",
+                           description="Plain torch training of one stage (1: ASR/TTS, 2: half duplex, 3: full "
+                           "duplex) from a model folder, or a Qwen2 folder plus a codec model folder; "
+                           "checkpoints and --resume; torchrun for several GPUs (docs/training.md).")
+    train_cli.add_arguments(train)
+    train.set_defaults(func=_train)
     return parser
 
 
@@ -73,6 +82,13 @@ def _model_init(args: argparse.Namespace) -> int:
     which = f"tiny random CosyVoice {args.decoder} decoder" if args.decoder else "stand-in tone decoder"
     print(f"wrote a tiny, untrained OmniFlatten model to {path} ({which})")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    configure_logging("INFO")
+    from model.train import train_cli
+
+    return train_cli.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
