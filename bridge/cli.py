@@ -1,7 +1,7 @@
 """The `duplexline` command: the composition root, the only place that reads the
 environment. Subcommands: `serve` (the bridge), `worker` (an engine worker for bridges'
 calls), `dial` (place a call through a running bridge), `model init` (write a tiny model),
-`data synth` / `data prepare` (training data), `train` (docs/training.md)."""
+`data synth` / `data prepare` (training data), `train`, `eval turns` (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "checkpoints and --resume; torchrun for several GPUs (docs/training.md).")
     train_cli.add_arguments(train)
     train.set_defaults(func=_train)
+
+    from model.train.eval_turns import add_eval_parser
+
+    evaluate = sub.add_parser("eval", help="evaluate a model folder: turn-taking through the streaming engine")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="ACTION", required=True)
+    add_eval_parser(eval_sub)
     return parser
 
 
