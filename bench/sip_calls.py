@@ -54,7 +54,7 @@ FRAME = 160  # samples per 20 ms at 8 kHz
 BURST_EVERY = RATE  # one burst a second
 BURST_LEN = 800  # 100 ms
 CALLS_PER_CLIENT = 200
-DIAL_RATE = 25.0  # calls/s: a UDP burst of set-ups loses ACKs (notes/sip-stacks.md)
+DIAL_RATE = 25.0  # calls/s: a faster UDP burst of set-ups loses ACKs (measured)
 
 
 # ---- the client (a subprocess) ---------------------------------------------------------------

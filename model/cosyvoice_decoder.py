@@ -97,7 +97,7 @@ class Voice:
 
 
 def tiny_flow_config(family: str) -> FlowConfig:
-    """The small reference builds' sizes (../shared/reference/cosyvoice/small-vN): the
+    """The small reference builds' sizes (the upstream-made fixtures' small-vN): the
     official layout at a few hundred thousand parameters, for tests and demos."""
     encoder = dict(input_size=64, output_size=64, attention_heads=4, linear_units=128, num_blocks=2)
     estimator = dict(attention_head_dim=32, n_blocks=2, num_mid_blocks=2, num_heads=2)

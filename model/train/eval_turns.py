@@ -36,7 +36,7 @@ __all__ = ["PAPER", "EvalError", "DialogueRun", "EvalResult", "add_eval_parser",
 FRAME_SECONDS = 0.02  # the agent's frame: alignment and the lead are whole frames
 SAMPLE_RATE = 16000
 
-# ../shared/notes/omniflatten.md: the paper's table (v2); k in tokens, on its token clock.
+# OmniFlatten (arXiv 2410.17799 v2), its turn-taking table; k in tokens, on its token clock.
 PAPER = {
     "OmniFlatten": {"turn_acc": [20.6, 53.6, 66.3, 71.7], "turn_ms": 193,
                     "interrupt_acc": [10.9, 30.9, 41.8, 51.8], "interrupt_ms": 287},
