@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -315,9 +316,17 @@ def torchrun_train(tmp_path, *argv):
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), "-m", "model.train.train_cli", *map(str, argv)]
-    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=90)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Its own process group: on a timeout the ranks go with the launcher (a hung rank must
+    # not outlive the test).
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in 90 s: {err[-3000:]}") from None
+    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.mark.slow  # two torchrun launches of two processes each: about 20 s on two cores
