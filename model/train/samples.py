@@ -38,6 +38,7 @@ from ..flatten import Chunk, FlatSequence, Turn, asr_sample, flatten, half_duple
     tts_sample
 from ..vocab import Vocabulary
 from .shards import DialogueCodes, PairCodes, Record, read_shards
+from .token_data import pad_collate
 
 __all__ = ["STAGES", "pair_samples", "dialogue_turns", "half_duplex_samples", "assistant_streams",
            "full_duplex_chunks", "full_duplex_samples", "TrainDataset", "collate"]
@@ -226,14 +227,5 @@ class TrainDataset(torch.utils.data.Dataset):
 
 def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest: `input_ids` with `pad_id`, `loss_mask` False, and an
-    `attention_mask` (True on real tokens) for the backbone."""
-    longest = max(len(item["input_ids"]) for item in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.bool)
-    attention = torch.zeros((len(batch), longest), dtype=torch.bool)
-    for row, item in enumerate(batch):
-        n = len(item["input_ids"])
-        ids[row, :n] = item["input_ids"]
-        mask[row, :n] = item["loss_mask"]
-        attention[row, :n] = True
-    return {"input_ids": ids, "loss_mask": mask, "attention_mask": attention}
+    `attention_mask` (True on real tokens) for the backbone (token_data.pad_collate)."""
+    return pad_collate(batch, pad_id)
