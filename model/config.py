@@ -23,12 +23,19 @@ MODES = (THREE_STREAM, TWO_STREAM)
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean no truncation."""
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean no truncation.
+
+    speak_threshold > 0 decides each speech slot in two steps: speak when the codes'
+    total probability reaches it (else the silent token), then pick a code by the other
+    settings. A small model spreads its speaking mass over thousands of codes, so the one
+    silent token is the argmax even where speaking is likelier: greedy never speaks, and
+    plain sampling speaks at random moments. 0 (the default) leaves the slot to them."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    speak_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -37,6 +44,8 @@ class SamplingConfig:
             raise ConfigInvalid("sampling.top_k", f"must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigInvalid("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.speak_threshold < 1.0:
+            raise ConfigInvalid("sampling.speak_threshold", f"must be in [0, 1), got {self.speak_threshold}")
 
     @property
     def greedy(self) -> bool:

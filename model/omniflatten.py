@@ -29,7 +29,7 @@ import torch
 
 from .config import OmniFlattenConfig, SamplingConfig
 from .kv_slots import SlotKVCache
-from .sampling import sample_rows, uniform_from_counter
+from .sampling import gate_speaking, sample_rows, uniform_from_counter
 from .vocab import Vocabulary
 
 __all__ = ["OmniFlatten", "ChunkResult", "BatchStepper", "OmniFlattenSession", "StepReport"]
@@ -249,6 +249,7 @@ class BatchStepper:
         temperature = torch.tensor([st.sampling.temperature for st in states], device=dev)
         top_k = torch.tensor([st.sampling.top_k for st in states], device=dev)
         top_p = torch.tensor([st.sampling.top_p for st in states], device=dev)
+        speak_threshold = torch.tensor([st.sampling.speak_threshold for st in states], device=dev)
         any_sampled = bool((temperature > 0).any())
         decoded = torch.empty((len(stepping), layout.decoded), dtype=torch.long, device=dev)
         one = [0] * rows
@@ -256,6 +257,8 @@ class BatchStepper:
             one[slot] = 1
         for k, kind in enumerate(self._kinds):
             logits = self.model.candidate_logits(h, kind)
+            if kind == "speech":
+                logits = gate_speaking(logits, speak_threshold)
             if any_sampled:
                 u = torch.tensor([uniform_from_counter(st.sampling.seed, st.sampled + k) for st in states],
                                  dtype=torch.float64, device=dev)

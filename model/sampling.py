@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["uniform_from_counter", "sample_rows"]
+__all__ = ["uniform_from_counter", "sample_rows", "gate_speaking"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -51,3 +51,18 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     pick = torch.searchsorted(cdf, target).clamp_(max=x.shape[-1] - 1).squeeze(1)
     choice[rows] = order.gather(1, pick[:, None]).squeeze(1)
     return choice
+
+
+def gate_speaking(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """logits [n, V] whose last column is the silent token; threshold float [n] (0 = off).
+    Rows with a threshold keep either the silent column alone (when the other columns'
+    total probability is below it) or every column but the silent one."""
+    rows = threshold > 0
+    if not bool(rows.any()):
+        return logits
+    silent_p = logits.float().softmax(dim=-1)[:, -1]
+    speak = (1.0 - silent_p) >= threshold
+    out = logits.clone()
+    out[rows & speak, -1] = float("-inf")
+    out[rows & ~speak, :-1] = float("-inf")
+    return out
