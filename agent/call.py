@@ -32,8 +32,11 @@ class CallInfo:
     call_id: str
     transport: Transport
     remote: str  # SIP From URI, or the browser's address
-    local: str = ""  # the called user or number (routing)
+    local: str = ""  # the called user or number (routing); outbound: our account's user
     settings: Mapping[str, Any] = field(default_factory=dict, hash=False)  # the route's, for the agent
+    direction: str = "in"  # "out": we dialled
+    wire: str = ""  # what carries it, for records: udp, tcp, webrtc ("": the transport's name)
+    webhooks: tuple[str, ...] = ()  # the route's webhook URLs, besides the global ones
 
 
 class AudioSink(Protocol):

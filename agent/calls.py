@@ -1,9 +1,11 @@
 """`CallManager`: admits calls, holds the live `CallSession`s, keeps their store records
 and leases current, and drains.
 
-Lifecycle: `start()` (store, agent, lease loop), `drain()` (refuse new calls with 503 and
-Retry-After; resolve when the last call ends or ask the rest to hang up after the
-timeout), `close()` (idempotent; ends what is left, stops the agent and the store).
+Lifecycle: `start()` (call records, store, agent, lease loop), `drain()` (refuse new calls
+with 503 and Retry-After; resolve when the last call ends or ask the rest to hang up after
+the timeout), `close()` (idempotent; ends what is left, stops the agent and the store, then
+flushes the call records: every ended or refused call's CDR and webhooks,
+agent/call_records.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Iterable
 
 from .agents import Agent
 from .call import AudioSink, CallInfo, CallRefused
+from .call_records import CallRecords
+from .cdr import refused_record
 from .errors import DuplicateCall
 from .metrics import AgentMetrics
 from .once import Once
 from .session import CallSession
-from .store import CallRecord, CallState, SessionStore, keep_leases
+from .store import CallRecord, CallState, SessionStore, Transport, keep_leases
 
 __all__ = ["CallManager"]
 
@@ -28,8 +32,10 @@ log = logging.getLogger(__name__)
 
 class CallManager:
     def __init__(self, agent: Agent, store: SessionStore, metrics: AgentMetrics, *,
-                 bridge_id: str | None = None, worker_id: str = "local") -> None:
+                 bridge_id: str | None = None, worker_id: str = "local",
+                 records: CallRecords | None = None) -> None:
         self.agent = agent
+        self.records = records or CallRecords()
         self.store = store
         self.metrics = metrics
         self.bridge_id = bridge_id or f"bridge-{uuid.uuid4().hex[:8]}"
@@ -44,11 +50,17 @@ class CallManager:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.store.start()
+        await self.records.start()
+        try:
+            await self.store.start()
+        except BaseException:
+            await self.records.close()
+            raise
         try:
             await self.agent.start()
         except BaseException:
             await self.store.close()
+            await self.records.close()
             raise
         self.metrics.watch_store(self.store)
         self._lease_task = asyncio.get_running_loop().create_task(
@@ -81,6 +93,7 @@ class CallManager:
             await asyncio.gather(self._lease_task, return_exceptions=True)
         await self.agent.close()
         await self.store.close()
+        await self.records.close()  # after the last call's CDR was queued
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -90,28 +103,43 @@ class CallManager:
         transport = str(info.transport)
         if self.draining:
             self.metrics.calls.labels(transport=transport, outcome="refused_draining").inc()
-            raise CallRefused(503, "Service Unavailable (draining)", retry_after=30)
+            raise self._refused(info, CallRefused(503, "Service Unavailable (draining)", retry_after=30))
         if info.call_id in self._calls:
-            raise CallRefused(482, "Loop Detected (duplicate call id)")
-        session = CallSession(info, self.store, self.metrics, self._ended)
+            raise self._refused(info, CallRefused(482, "Loop Detected (duplicate call id)"))
+        session = CallSession(info, self.store, self.metrics, self._ended, self.records.answered)
         try:
             agent_session = await self.agent.open(info, sink, session.emit, session.request_hangup)
             session.attach(agent_session)
         except CallRefused as exc:
             self.metrics.calls.labels(transport=transport, outcome=f"refused_{exc.status}").inc()
             log.info("call %s from %s refused: %s", info.call_id, info.remote, exc)
+            self._refused(info, exc)
             raise
         try:
             await self.store.put(CallRecord.new(info.call_id, info.transport, info.remote,
                                                 bridge=self.bridge_id, worker=agent_session.worker or self.worker_id))
         except DuplicateCall:
             await session._agent.close()  # type: ignore[union-attr]
-            raise CallRefused(482, "Loop Detected (call id already live)") from None
+            raise self._refused(info, CallRefused(482, "Loop Detected (call id already live)")) from None
         self._calls[info.call_id] = session
         self._idle.clear()
         self.metrics.active_calls.labels(transport=transport).inc()
         log.info("call %s admitted: %s from %s to %r", info.call_id, transport, info.remote, info.local)
+        records = self.records
+        session.on_event(lambda kind, data: records.event(session, kind, data))
+        records.started(session)
         return session
+
+    def refused(self, info: CallInfo, sip_code: int | None, detail: str) -> None:
+        """A call refused before admission (the SIP front door's 404 or 503, say): its CDR."""
+        if not self.records.active:
+            return
+        self.records.ended(refused_record(info, bridge=self.bridge_id, sip_code=sip_code, detail=detail),
+                           info.webhooks)
+
+    def _refused(self, info: CallInfo, exc: CallRefused) -> CallRefused:
+        self.refused(info, exc.status if info.transport is Transport.SIP else None, exc.reason)
+        return exc
 
     def _ended(self, session: CallSession) -> None:
         if self._calls.pop(session.info.call_id, None) is None:
@@ -119,6 +147,11 @@ class CallManager:
         transport = str(session.info.transport)
         self.metrics.active_calls.labels(transport=transport).dec()
         self.metrics.calls.labels(transport=transport, outcome="completed").inc()
+        try:
+            if self.records.active:
+                self.records.ended(session.record(self.bridge_id), session.info.webhooks)
+        except Exception:  # a record must never stand in the way of the call's end
+            log.exception("call %s: CDR failed", session.info.call_id)
         if not self._calls:
             self._idle.set()
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from .agents import AgentSession
 from .call import FRAME_SAMPLES, CallInfo
+from .cdr import CallDetail, call_record
 from .errors import StaleSession
 from .metrics import AgentMetrics
 from .once import BackgroundTasks, Once
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 FRAME_SECONDS = 0.02
 CONFIRM_FRAMES = 3  # late frames at a steady offset that show the frames before them were lost
 STORED_EVENTS = frozenset({"turn", "barge-in", "dtmf", "hold", "resume", "error", "hangup-requested",
-                           "rehomed", "voice"})
+                           "rehomed", "voice", "transferred"})
 
 EventListener = Callable[[str, dict], None]
 HangupHandler = Callable[[str], Awaitable[None]]
@@ -101,8 +102,10 @@ class FrameClock:
 
 class CallSession:
     def __init__(self, info: CallInfo, store: SessionStore, metrics: AgentMetrics,
-                 on_end: Callable[["CallSession"], None]) -> None:
+                 on_end: Callable[["CallSession"], None],
+                 on_answer: Callable[["CallSession"], None] | None = None) -> None:
         self.info = info
+        self.detail = CallDetail()  # the CDR's facts; the transport adds the wire's
         self.state = CallState.RINGING
         self.started = time.monotonic()
         self.frames_in = self.frames_out = self.frames_late = self.frames_lost = 0
@@ -110,6 +113,7 @@ class CallSession:
         self._store = store
         self._metrics = metrics
         self._on_end = on_end
+        self._on_answer = on_answer
         self._agent: AgentSession | None = None
         self._listeners: list[EventListener] = []
         self._hangup: HangupHandler | None = None
@@ -131,6 +135,7 @@ class CallSession:
         self._hangup = handler
 
     def emit(self, kind: str, data: dict) -> None:
+        self.detail.on_event(kind, data)
         for listener in self._listeners:
             try:
                 listener(kind, data)
@@ -144,6 +149,10 @@ class CallSession:
     async def answered(self) -> None:
         """The transport answered the call (200 OK sent / WebRTC connected)."""
         self.state = CallState.ACTIVE
+        if self.detail.answered_at is None:
+            self.detail.answered_at = time.time()
+            if self._on_answer is not None:
+                self._on_answer(self)
         await self._update(state=CallState.ACTIVE)
 
     def feed(self, frame: np.ndarray) -> None:
@@ -162,6 +171,7 @@ class CallSession:
                 self._agent.lost(lost)  # after this frame: the loss shows only now
         elif self.state is CallState.ON_HOLD:
             self._metrics.dropped_frames.labels(reason="on_hold").inc()
+            self.detail.frames_dropped += 1
 
     def _judge(self, latenesses: list[float]) -> None:
         for lateness in latenesses:
@@ -211,6 +221,7 @@ class CallSession:
 
     async def _end(self, reason: str) -> None:
         self.end_reason = reason
+        self.detail.ended_at = time.time()
         self.state = CallState.ENDING
         self._judge(self._clock.finish())
         if self._agent is not None:
@@ -232,6 +243,13 @@ class CallSession:
                  "frames_out=%d late=%d lost=%d", self.info.call_id, self.info.transport, self.info.remote,
                  reason, time.monotonic() - self.started, self.frames_in, self.frames_out, self.frames_late,
                  self.frames_lost)
+
+    def record(self, bridge: str) -> dict:
+        """The call's CDR (agent/cdr.py), once it has ended."""
+        worker = self._agent.worker if self._agent is not None else None
+        return call_record(self.info, self.detail, bridge=bridge, worker=worker, reason=self.end_reason or "error",
+                           frames_in=self.frames_in, frames_out=self.frames_out, frames_late=self.frames_late,
+                           frames_lost=self.frames_lost)
 
     # ---- store -------------------------------------------------------------------------------
 

@@ -10,11 +10,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "HostPort", "Option", "choice", "redis_url", "existing_path", "positive_int", "seconds",
-           "json_entries", "ip_address", "redacted_repr"]
+           "json_entries", "ip_address", "redacted_repr", "http_url"]
 
 ENV_PREFIX = "DUPLEXLINE_"
 
@@ -75,6 +76,21 @@ def redis_url(text: str) -> str:
     return text
 
 
+def http_url(text: str) -> str:
+    """An absolute http:// or https:// URL with a host (a webhook receiver)."""
+    url = text.strip()
+    if not url or len(url) > 2048 or any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{url[:80]!r} is not a URL (1-2048 printable characters, no spaces)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{url[:80]!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url[:80]!r}: expected http://HOST[:PORT]/PATH or https://...")
+    return url
+
+
 def existing_path(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.exists():
@@ -119,6 +135,7 @@ class Option:
     metavar: str
     section: str = ""  # "" = Settings itself; "sip", "webrtc": the leg's own dataclass
     field: str = ""  # the dataclass field; default: name
+    repeat: bool = False  # the flag may be given again; `parse` returns a tuple, which add up
 
     @property
     def flag(self) -> str:

@@ -26,6 +26,7 @@ from agent.store import create_store
 
 from . import sip_leg, webrtc_leg
 from .compose import build_agent
+from .records import build_records
 from .process import run_until_signalled
 from .settings import Settings
 from .sip_http import add_sip_routes
@@ -70,7 +71,8 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
     bridge_id = f"bridge-{uuid.uuid4().hex[:8]}"
     agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics,
                                                              bridge_id)
-    manager = CallManager(agent, create_store(settings.redis), metrics, bridge_id=bridge_id)
+    manager = CallManager(agent, create_store(settings.redis), metrics, bridge_id=bridge_id,
+                          records=build_records(settings, registry))
     await manager.start()
     drained = asyncio.Event()
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .options import (ENV_PREFIX, HostPort, Option, choice, existing_path, positive_int, redacted_repr, redis_url,
                       seconds)
+from .records_config import RECORD_OPTIONS, RecordSettings
 from .sip_config import SIP_OPTIONS, SipSettings
 from .webrtc_config import WEBRTC_OPTIONS, WebRtcSettings
 from .worker_config import WORKER_OPTIONS, WorkerSettings
@@ -54,6 +55,7 @@ class Settings:
     sip: SipSettings = field(default_factory=SipSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    records: RecordSettings = field(default_factory=RecordSettings)
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -162,8 +164,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("media_timeout", _media_timeout, "hang up a call (reason media-timeout) when no caller audio has "
            "arrived for this long; calls on hold are spared (default 30; 0: off)", "SECONDS"),
 )
-OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS + WORKER_OPTIONS
-SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings, "worker": WorkerSettings}
+OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS + WORKER_OPTIONS + RECORD_OPTIONS
+SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings, "worker": WorkerSettings, "records": RecordSettings}
 # What `duplexline worker` takes: the model and its engine, the registry, and its own section.
 WORKER_COMMAND_OPTIONS = ("model", "model_id", "redis", "log_level", "slots", "device", "drain_timeout",
                           "event_loop")
@@ -175,7 +177,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         # Raw strings: parsing happens in settings_from so flags and variables share it.
         parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, default=None,
-                            help=f"{opt.help}; env {opt.env}")
+                            action="append" if opt.repeat else "store", help=f"{opt.help}; env {opt.env}")
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +209,7 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str]) -
         if raw is None:
             continue
         try:
-            parsed = opt.parse(raw)
+            parsed = sum((opt.parse(r) for r in raw), ()) if isinstance(raw, list) else opt.parse(raw)
         except ValueError as exc:
             raise ConfigError(source, raw, str(exc)) from None
         (sections[opt.section] if opt.section else values)[opt.field or opt.name] = parsed

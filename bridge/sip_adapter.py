@@ -188,7 +188,8 @@ class Stack:
                  f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}\n"
                  f"{_JITTER}")
         config = Config(net_interface=host, max_concurrent_calls=max_calls,
-                        expose_headers=("X-Duplexline-Route", "X-Duplexline-Called", "X-Duplexline-Source"),
+                        expose_headers=("X-Duplexline-Route", "X-Duplexline-Called", "X-Duplexline-Source",
+                                        "X-Duplexline-Transport"),
                         native_log_level=log_level, extra_config_text=extra)
         runtime = Runtime(native_log_level=log_level)
         try:

@@ -107,6 +107,7 @@ class SipCall:
         self.end_reason = ""
         self.closed = asyncio.get_running_loop().create_future()
         self._hangup_reason: str | None = None
+        self._transfer_to: str | None = None  # a blind transfer under way
         self._fmt: AudioFormat | None = None
         self._t0 = 0.0
         self._inq: collections.deque[np.ndarray] = collections.deque()
@@ -168,10 +169,11 @@ class SipCall:
         if self.state not in (SipCallState.ACTIVE, SipCallState.HELD):
             raise StackError(f"call is {self.state.value}, not active")
         self._hangup_reason = "transferred"
+        self._transfer_to = uri
         try:
             await self.stack.transfer(uri, timeout=timeout)
         except BaseException:
-            self._hangup_reason = None
+            self._hangup_reason = self._transfer_to = None
             raise
 
     async def send_dtmf(self, digits: str) -> None:
@@ -223,6 +225,7 @@ class SipCall:
         """The call is over (the stack said so, or an outbound call failed): end the session."""
         if self.state is SipCallState.ENDED:
             return
+        answered = self.state is not SipCallState.RINGING or reason == "no-ack"  # a 200 went out
         self.state = SipCallState.ENDED
         self.end_reason = reason
         self._cancel_ack_timer()
@@ -239,6 +242,12 @@ class SipCall:
         log.info("SIP call %s %s ended: %s%s", self.call_id, self.direction, reason,
                  f" ({detail})" if detail and detail != reason else "")
         if self.session is not None:
+            record = self.session.detail
+            record.frames_dropped += self.trimmed
+            if record.sip_code is None:
+                record.sip_code = 200 if answered else _final_status(reason, detail)
+            if reason == "transferred":  # told here, before the end: the far end's BYE can beat transfer()'s return
+                self.session.emit("transferred", {"to": self._transfer_to})
             self._bg.spawn(self.session.end(reason))
 
     # ---- dead calls ---------------------------------------------------------------------
@@ -361,6 +370,13 @@ class SipCall:
             self._sent += 1  # we run fast: write one frame less
         elif queued == 0:
             self._sent -= 1  # we run slow: write one frame more
+
+
+def _final_status(reason: str, text: str) -> int | None:
+    """The final status of an INVITE that was never answered, for its CDR."""
+    if reason == "cancelled":
+        return 487
+    return int(text[:3]) if text[:3].isdigit() else None
 
 
 def _unanswered_reason(text: str, direction: str) -> str:

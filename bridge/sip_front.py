@@ -43,19 +43,21 @@ from dataclasses import dataclass
 from typing import Callable, cast
 
 from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
-from .sip_message import SipMessage, SipParseError, header_param, parse, split_frames, uri_user
+from .sip_message import SipMessage, SipParseError, addr_uri, header_param, parse, sdp_codec, split_frames, uri_user
 from .sip_metrics import SipMetrics
 from .sip_routes import RouteTable
 from .sip_validate import check_request
 
-__all__ = ["SipFront", "ROUTE_HEADER", "CALLED_HEADER", "SOURCE_HEADER"]
+__all__ = ["SipFront", "Refusal", "ROUTE_HEADER", "CALLED_HEADER", "SOURCE_HEADER", "TRANSPORT_HEADER"]
 
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "X-Duplexline-Route"
 CALLED_HEADER = "X-Duplexline-Called"
 SOURCE_HEADER = "X-Duplexline-Source"
-_OUR_HEADERS = (ROUTE_HEADER.lower(), CALLED_HEADER.lower(), SOURCE_HEADER.lower())
+TRANSPORT_HEADER = "X-Duplexline-Transport"  # udp or tcp: how the caller reached the front, for CDRs
+_OUR_HEADERS = (ROUTE_HEADER.lower(), CALLED_HEADER.lower(), SOURCE_HEADER.lower(), TRANSPORT_HEADER.lower())
+_CODECS_KEPT = 1024  # answered calls' codecs awaiting their ACK
 _BRANCH_PREFIX = "z9hG4bKdl"
 _LOCAL_TTL = 32.0  # Timer H/J: how long our own final answers are remembered
 _PENDING_TTL = 64.0
@@ -67,6 +69,22 @@ _LOG_SOURCES = 4096
 _RETRY_AFTER_PENDING = 5
 _TCP_PER_SOURCE = 32  # connections one address may hold open
 _TCP_PARTIAL_TIMEOUT = 10.0  # seconds a half-sent message may wait for the rest (slow loris)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An INVITE the front refused after it passed the allowlist, the rate limit and
+    auth (404 no route, 503 draining or too many pending): a call for the records. The
+    refusals before those (403, 401, floods) are counted in metrics only: a scanner must
+    not fill the CDRs."""
+
+    call_id: str
+    remote: str  # the From URI
+    called: str
+    wire: str  # udp, tcp
+    status: int
+    reason: str
+    route: str | None  # the route's name, when one matched
 
 
 @dataclass
@@ -89,8 +107,10 @@ class SipFront:
                  metrics: SipMetrics, allow: Allowlist, limiter: RateLimiter, auth: DigestAuth | None,
                  draining: Callable[[], bool], shared_listen: bool = False, route_key: str = "",
                  choose: Callable[[], tuple[str, int]] | None = None, pending: PendingInvites | None = None,
-                 tcp_max_connections: int = 1024, tcp_idle_timeout: float = 60.0) -> None:
+                 tcp_max_connections: int = 1024, tcp_idle_timeout: float = 60.0,
+                 on_refused: Callable[[Refusal], None] | None = None) -> None:
         self.host = host
+        self.on_refused = on_refused
         self.port = port
         self.upstream = upstream
         self.routes = routes
@@ -118,6 +138,7 @@ class SipFront:
         self._last_warn = 0.0
         self._dropped = 0
         self._logged: OrderedDict[str, float] = OrderedDict()  # source -> last malformed-input line
+        self._codecs: OrderedDict[str, str] = OrderedDict()  # call id -> codec of the stack's 200 OK
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -258,10 +279,12 @@ class SipFront:
             return
         called = uri_user(msg.uri) or uri_user(msg.get("To") or "")
         route = self.routes.lookup(called)
+        wire = "udp" if conn is None else "tcp"
         if route is None:
             m.labels(outcome="404").inc()
             log.info("INVITE for %r from %s: no route, 404", called, host)
             self._reply(msg, key, conn, 404, "Not Found")
+            self._refused(msg, called, wire, 404, "no-route", None)
             return
         full = self.pending.full(host)
         if full is not None:
@@ -270,17 +293,20 @@ class SipFront:
             self._warn("pending INVITE limit (%s): refusing a call from %s", full, host)
             self._reply(msg, key, conn, 503, "Service Unavailable (too many pending calls)",
                         extra=[("Retry-After", str(_RETRY_AFTER_PENDING))])
+            self._refused(msg, called, wire, 503, "too-many-pending", route.name)
             return
         upstream = self.choose() if self.choose is not None else self.upstream
         if self.draining() and upstream == self.upstream:  # no sibling takes it either
             m.labels(outcome="503").inc()
             self._reply(msg, key, conn, 503, "Service Unavailable (draining)",
                         extra=[("Retry-After", str(_RETRY_AFTER_DRAINING))])
+            self._refused(msg, called, wire, 503, "draining", route.name)
             return
         msg.headers = [(n, v) for n, v in msg.headers if n.lower() not in _OUR_HEADERS]
         msg.headers.append((ROUTE_HEADER, f"{route.name};k={self.route_key}"))
         msg.headers.append((CALLED_HEADER, called or "-"))
         msg.headers.append((SOURCE_HEADER, host))
+        msg.headers.append((TRANSPORT_HEADER, wire))
         self._pending[_our_branch(key)] = _Pending(time.monotonic(), upstream)
         self.pending.add(msg.call_id, host)
         self._expire()
@@ -312,6 +338,21 @@ class SipFront:
         self._reply(msg, key, conn, result.status, "Unauthorized" if result.status == 401 else "Forbidden",
                     extra=extra)
         return False
+
+    def _refused(self, msg: SipMessage, called: str, wire: str, status: int, reason: str,
+                 route: str | None) -> None:
+        if self.on_refused is None:
+            return
+        try:
+            self.on_refused(Refusal(msg.call_id, addr_uri(msg.get("From") or ""), called, wire, status, reason,
+                                    route))
+        except Exception:  # the records must never stop the front
+            log.exception("recording a refused INVITE failed")
+
+    def answered_codec(self, call_id: str) -> str | None:
+        """The codec of the stack's 200 OK to this call's INVITE, once (then forgotten);
+        None when it did not pass through this front."""
+        return self._codecs.pop(call_id, None)
 
     def settle(self, call_id: str) -> None:
         """The leg says this call is established or over: it no longer counts as pending."""
@@ -360,6 +401,11 @@ class SipFront:
             self._count_final(branch, msg.status)
             if msg.status < 300:
                 self.pending.answered(msg.call_id)
+                codec = sdp_codec(msg.body) if msg.body else None
+                if codec is not None:
+                    self._codecs[msg.call_id] = codec
+                    while len(self._codecs) > _CODECS_KEPT:
+                        self._codecs.popitem(last=False)
             else:
                 self.pending.settle(msg.call_id)
         dlc = header_param(ours, "dlc")  # the caller's TCP connection, when it came over TCP

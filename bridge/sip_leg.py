@@ -37,7 +37,7 @@ from .sip_accounts import AccountEntry, Registration, load_accounts
 from .sip_adapter import (INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, Stack,
                           StackAccount, StackCall, StackError)
 from .sip_call import LineSink, SipCall, SipCallState
-from .sip_front import CALLED_HEADER, ROUTE_HEADER, SipFront
+from .sip_front import CALLED_HEADER, ROUTE_HEADER, TRANSPORT_HEADER, Refusal, SipFront
 from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
 from .sip_media import MediaTicker
 from .sip_metrics import SipMetrics
@@ -136,7 +136,7 @@ class SipLeg:
                                   choose=self.siblings.pick if self.siblings is not None else None,
                                   pending=PendingInvites(self.sip.max_pending_per_source, self.sip.max_pending),
                                   tcp_max_connections=self.sip.tcp_max_connections,
-                                  tcp_idle_timeout=self.sip.tcp_idle_timeout)
+                                  tcp_idle_timeout=self.sip.tcp_idle_timeout, on_refused=self._front_refused)
             await self.front.start()
             self.ticker.start()
         except BaseException:
@@ -195,35 +195,52 @@ class SipLeg:
             self._bg.spawn(stack_call.reject())
             return
         called = headers.get(CALLED_HEADER.lower(), "")
+        wire = headers.get(TRANSPORT_HEADER.lower(), "udp")
         self._settle_when_up(stack_call)
-        self._admit_and_answer(stack_call, local=called, route=route)
+        self._admit_and_answer(stack_call, local=called, route=route, wire=wire if wire in ("udp", "tcp") else "udp")
 
     def _settle_when_up(self, stack_call: StackCall) -> None:
         """The front counts a forwarded INVITE as pending until the call is established
         (the stack reports that when the ACK comes: the caller got our 200 at the address
-        it claimed) or over; this tells it so at once rather than at its timeout."""
+        it claimed) or over; this tells it so at once rather than at its timeout. The
+        codec of our 200 OK, which the front saw go by, goes to the call's record."""
         front, call_id = self.front, stack_call.call_id
 
         def listener(event: CallEvent) -> None:
             if front is not None and event.kind in (CallEventKind.ESTABLISHED, CallEventKind.CLOSED):
                 front.settle(call_id)
+                codec = front.answered_codec(call_id)
+                call = self._calls.get(call_id)
+                if codec is not None and call is not None and call.session is not None:
+                    call.session.detail.codec = codec
 
         stack_call.on_event(listener)
 
+    def _front_refused(self, refusal: Refusal) -> None:
+        """The front refused an INVITE (404, 503): the call's record."""
+        route = self.routes.by_name(refusal.route) if refusal.route else None
+        info = CallInfo(refusal.call_id or f"sip-{uuid.uuid4().hex[:12]}", Transport.SIP, refusal.remote,
+                        refusal.called, wire=refusal.wire, webhooks=route.webhooks if route else ())
+        self.manager.refused(info, refusal.status, refusal.reason)
+
+    def _refuse_account_call(self, stack_call: StackCall, local: str, reason: str) -> None:
+        self.metrics.invites.labels(outcome="486").inc()
+        self.manager.refused(CallInfo(stack_call.call_id or f"sip-{uuid.uuid4().hex[:12]}", Transport.SIP,
+                                      stack_call.peer, local), 486, reason)
+        self._bg.spawn(stack_call.reject())
+
     def _on_account_call(self, entry: AccountEntry, stack_call: StackCall) -> None:
         if self.draining or self.manager.draining:
-            self.metrics.invites.labels(outcome="486").inc()
-            self._bg.spawn(stack_call.reject())
+            self._refuse_account_call(stack_call, entry.spec.user, "draining")
             return
         route = self.routes.lookup(entry.spec.user)
         if route is None:
-            self.metrics.invites.labels(outcome="486").inc()
             log.info("call to account %s: no route for %r; refused", entry.name, entry.spec.user)
-            self._bg.spawn(stack_call.reject())
+            self._refuse_account_call(stack_call, entry.spec.user, "no-route")
             return
         self._admit_and_answer(stack_call, local=entry.spec.user, route=route)
 
-    def _admit_and_answer(self, stack_call: StackCall, *, local: str, route: Route) -> None:
+    def _admit_and_answer(self, stack_call: StackCall, *, local: str, route: Route, wire: str = "udp") -> None:
         call_id = stack_call.call_id or f"sip-{uuid.uuid4().hex[:12]}"
         if call_id in self._calls:
             self._bg.spawn(stack_call.reject())
@@ -231,10 +248,11 @@ class SipLeg:
         call = SipCall(stack_call, call_id=call_id, direction="in", metrics=self.metrics, local=local,
                        media_timeout=self.settings.media_timeout)
         self._track(call)
-        self._bg.spawn(self._answer(call, route))
+        self._bg.spawn(self._answer(call, route, wire))
 
-    async def _answer(self, call: SipCall, route: Route) -> None:
-        info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local, settings=route.settings)
+    async def _answer(self, call: SipCall, route: Route, wire: str) -> None:
+        info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local, settings=route.settings,
+                        wire=wire, webhooks=route.webhooks)
         try:
             session = await self.manager.admit(info, call.sink)
         except CallRefused as exc:
@@ -270,13 +288,15 @@ class SipLeg:
         call_id = f"out-{uuid.uuid4().hex[:16]}"
         sink = LineSink()
         try:
-            session = await self.manager.admit(CallInfo(call_id, Transport.SIP, remote=uri, local=acc.spec.user), sink)
+            session = await self.manager.admit(CallInfo(call_id, Transport.SIP, remote=uri, local=acc.spec.user,
+                                                        direction="out", wire=_uri_wire(uri)), sink)
         except CallRefused as exc:
             self.metrics.outbound.labels(outcome="refused").inc()
             raise DialRefused(f"not admitted: {exc}", 503 if exc.status >= 500 else 409) from None
         try:
             stack_call = await acc.dial(uri)
         except DialFailed as exc:
+            session.detail.sip_code = exc.status
             await session.end(self._dial_failed(call_id, uri, exc))
             raise
         call = SipCall(stack_call, call_id=call_id, direction="out", metrics=self.metrics, local=acc.spec.user,
@@ -293,6 +313,7 @@ class SipLeg:
                 await call.hangup("no-answer")
                 raise DialNoAnswer(f"not answered within {ring:g} s") from None
         except DialFailed as exc:
+            session.detail.sip_code = exc.status
             call.finish(self._dial_failed(call_id, uri, exc))
             raise
         self.metrics.outbound.labels(outcome="answered").inc()
@@ -330,6 +351,14 @@ class SipLeg:
             except OSError as exc:
                 log.warning("cannot publish SIP load to %s: %s", self.siblings.dir, exc)
 
+
+
+def _uri_wire(uri: str) -> str:
+    """What carries an outbound call to `uri`, for its record: the URI's transport."""
+    low = uri.lower()
+    if low.startswith("sips:") or ";transport=tls" in low:
+        return "tls"
+    return "tcp" if ";transport=tcp" in low else "udp"
 
 
 def _free_port(host: str) -> int:

@@ -245,3 +245,27 @@ def uri_user(uri: str) -> str:
     if not at:
         return ""
     return userinfo.split(":", 1)[0].split(";", 1)[0]
+
+
+def addr_uri(value: str) -> str:
+    """The URI of a From/To value (`"x" <sip:a@b>;tag=1` -> `sip:a@b`); ''."""
+    if "<" in value:
+        return value.split("<", 1)[1].split(">", 1)[0].strip()
+    return value.split(";", 1)[0].strip()
+
+
+_STATIC_PT = {"0": "pcmu", "8": "pcma", "9": "g722"}
+
+
+def sdp_codec(body: bytes) -> str | None:
+    """The first audio codec of an SDP answer (what the call speaks), lower case; None
+    when the body holds no audio line. Cheap: once per answered call."""
+    text = body.decode("ascii", "replace")
+    lines = [line.strip() for line in text.splitlines()]
+    media = next((line.split() for line in lines if line.startswith("m=audio ")), None)
+    if media is None or len(media) < 4:
+        return None
+    pt = media[3]
+    prefix = f"a=rtpmap:{pt} "
+    name = next((line[len(prefix):].split("/", 1)[0] for line in lines if line.startswith(prefix)), None)
+    return name.lower() if name else _STATIC_PT.get(pt)

@@ -4,7 +4,8 @@ The routes file is JSON:
 
     {"routes": [
         {"match": "bot", "agent": "echo"},
-        {"match": "+4930*", "agent": "omniflatten", "name": "berlin", "settings": {"voice": "anna"}},
+        {"match": "+4930*", "agent": "omniflatten", "name": "berlin", "settings": {"voice": "anna"},
+         "webhooks": ["https://crm.example.com/hooks/berlin"]},
         {"match": "*", "agent": "echo"}
     ]}
 
@@ -15,6 +16,8 @@ embedded default table holds one catch-all route). This process serves one agent
 route naming another agent is a configuration error at start, not a surprise mid-call.
 `settings` go to the agent with each call of the route; the agent checks them at start
 (omniflatten takes `voice`: a voice of its decoder), and refuses anything it does not take.
+`webhooks` (http/https URLs) get the route's call events besides the `--webhook` URLs
+(docs/webhooks.md); a URL that does not parse stops the start.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-from .options import json_entries
+from .options import http_url, json_entries
 
 __all__ = ["Route", "RouteTable"]
+
+_KEYS = frozenset({"match", "agent", "name", "settings", "webhooks"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Route:
     agent: str
     name: str
     settings: dict = field(default_factory=dict, hash=False, compare=False)
+    webhooks: tuple[str, ...] = ()
 
 
 class RouteTable:
@@ -60,6 +66,9 @@ class RouteTable:
             where = f"routes[{i}]"
             if not isinstance(item, dict) or not isinstance(item.get("match"), str) or not item["match"]:
                 raise ConfigError("sip_routes", str(path), f"{where}: needs a non-empty string 'match'")
+            unknown = sorted(set(item) - _KEYS)
+            if unknown:  # a typo ("webhook") must not be silently ignored
+                raise ConfigError("sip_routes", str(path), f"{where}: unknown keys {unknown}; known: {sorted(_KEYS)}")
             match = item["match"].strip()
             if "*" in match[:-1]:
                 raise ConfigError("sip_routes", str(path), f"{where}: '*' may only end a match")
@@ -78,7 +87,8 @@ class RouteTable:
                     check(settings)
                 except ValueError as exc:
                     raise ConfigError("sip_routes", str(path), f"{where}: settings: {exc}") from None
-            routes.append(Route(match, agent, str(item.get("name") or match), settings))
+            routes.append(Route(match, agent, str(item.get("name") or match), settings,
+                                _webhooks(item.get("webhooks", []), path, where)))
         return cls(routes)
 
     def lookup(self, user: str) -> Route | None:
@@ -92,3 +102,12 @@ class RouteTable:
 
     def by_name(self, name: str) -> Route | None:
         return next((r for r in self.routes if r.name == name), None)
+
+
+def _webhooks(value: object, path: Path, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("sip_routes", str(path), f"{where}: 'webhooks' must be a list of URLs")
+    try:
+        return tuple(dict.fromkeys(http_url(url) if isinstance(url, str) else http_url("") for url in value))
+    except ValueError as exc:
+        raise ConfigError("sip_routes", str(path), f"{where}: webhooks: {exc}") from None

@@ -134,9 +134,11 @@ class WebRtcLeg:
             inbound = LineAudio(self._receive_rate)
             outbound = LineAudio(self._peer_class.SEND_RATE)  # the session's AudioSink
             try:
-                session = await self.manager.admit(CallInfo(call_id, Transport.WEBRTC, remote, local), outbound)
+                session = await self.manager.admit(CallInfo(call_id, Transport.WEBRTC, remote, local, wire="webrtc"),
+                                                   outbound)
             except CallRefused as exc:
                 raise _refusal(exc) from None
+            session.detail.codec = "opus"  # the only codec the offer check lets through
             try:
                 call = WebRtcCall(call_id, session, inbound, outbound, self.metrics, make_peer=self._make_peer,
                                   connect_timeout=self.settings.connect_timeout, media_timeout=self.media_timeout,
