@@ -15,7 +15,9 @@ The stack answers the forwarded INVITE after the agent admitted the call (200), 
 when it could not. Responses come back through the front (its Via is on top) and go to the
 caller along the next Via (received/rport honoured; TCP callers get them on their own
 connection). The stack's Contact is its own address, so in-dialog requests (ACK for 200,
-BYE, re-INVITE, INFO) go straight to the stack and never touch the front.
+BYE, re-INVITE, INFO) go straight to the stack and never touch the front. OPTIONS is
+answered here: 200, or 503 + Retry-After while draining, so that a SIP load balancer's
+health probe (Kamailio's dispatcher, docs/kamailio.md) stops sending this process calls.
 
 Invariants:
 - stateless forwarding: the branch we add is a hash of the caller's branch, so an INVITE
@@ -258,6 +260,10 @@ class SipFront:
             self._forward(msg, key, conn, rewrite=False)
             return
         if msg.method == "OPTIONS":
+            if self.draining():  # a SIP load balancer's probe takes us out (docs/kamailio.md)
+                self._reply(msg, key, conn, 503, "Service Unavailable (draining)",
+                            extra=[("Retry-After", str(_RETRY_AFTER_DRAINING))])
+                return
             self._reply(msg, key, conn, 200, "OK", extra=[("Allow", _ALLOW), ("Accept", "application/sdp")])
             return
         if msg.method != "INVITE":

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -114,7 +115,7 @@ def test_compose_refuses_to_start_without_its_required_variables(missing):
 
 def test_the_services_and_their_roles(resolved):
     services = resolved["services"]
-    assert set(services) == {"redis", "worker", "worker-cpu", "bridge", "line-test", "prometheus", "grafana"}
+    assert set(services) == {"redis", "worker", "worker-cpu", "bridge", "line-test", "kamailio", "prometheus", "grafana"}
     for name, service in services.items():
         assert service.get("network_mode") == "host", f"{name}: host networking (see the compose file's comment)"
     worker, cpu, bridge, line = (services[n] for n in ("worker", "worker-cpu", "bridge", "line-test"))
@@ -180,6 +181,54 @@ def test_processes_that_run_together_use_different_ports(resolved):
                 taken[p] = name
     # The two workers share port and id: the profiles run one or the other, never both.
     assert host_ports(services["worker"]) == host_ports(services["worker-cpu"])
+
+
+def kamailio_defines(argv: list[str]) -> dict[str, str]:
+    """The `-A NAME=VALUE` defines of a kamailio command line (quotes of string values kept)."""
+    assert argv[0::2] == ["-A"] * (len(argv) // 2) and len(argv) % 2 == 0, argv
+    return dict(a.partition("=")[::2] for a in argv[1::2])
+
+
+def kamailio_check(defines: dict[str, str]) -> subprocess.CompletedProcess | None:
+    """`kamailio -c` (syntax and modules, no sockets opened) on the shipped config with these
+    defines; None when Debian's kamailio is not installed (test_kamailio_edge.py says so)."""
+    binary = shutil.which("kamailio") or ("/usr/sbin/kamailio" if Path("/usr/sbin/kamailio").exists() else None)
+    if binary is None:
+        return None
+    args = [a for k, v in defines.items() for a in ("-A", f"{k}={v}")]
+    return subprocess.run([binary, "-c", "-f", str(REPO / "deploy/kamailio/kamailio.cfg"), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_sip_edge_fronts_this_hosts_bridge_and_collides_with_nothing(resolved):
+    """The opt-in Kamailio edge (profile edge): on the host's network at the advertised
+    address, on a port no other service takes, its configuration and dispatcher list mounted
+    from deploy/kamailio/, whose list sends calls to this host's bridge; the health check's
+    kamcmd finds the control socket the configuration opens."""
+    services = resolved["services"]
+    edge = services["kamailio"]
+    assert edge["profiles"] == ["edge"] and edge["network_mode"] == "host"
+    assert edge["build"]["context"] == str(REPO / "deploy/kamailio")
+    defines = kamailio_defines(edge["command"])
+    assert defines["LISTEN_ADDR"] == REQUIRED_ENV["DUPLEXLINE_SIP_PUBLIC_ADDRESS"]
+    sip = int(defines["SIP_PORT"])
+    redis = services["redis"]["command"]
+    taken = set().union(*(host_ports(services[n]) for n in DUPLEXLINE_SERVICES))
+    taken |= {(p, "tcp") for p in INTERNAL_PORTS | {int(redis[redis.index("--port") + 1])}}
+    assert not {(sip, "udp"), (sip, "tcp")} & taken, f"the edge's port {sip} is taken"
+    assert f"{REPO}/deploy/kamailio:/etc/kamailio:ro" in edge["volumes"]
+    cfg = (REPO / "deploy/kamailio/kamailio.cfg").read_text()
+    assert '#!define DISPATCHER_LIST "/etc/kamailio/dispatcher.list"' in cfg
+    destinations = [line.split() for line in (REPO / "deploy/kamailio/dispatcher.list").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    bridge_sip = port(env_of(services["bridge"])["DUPLEXLINE_SIP_LISTEN"])
+    assert [d[:2] for d in destinations] == [["1", f"sip:127.0.0.1:{bridge_sip}"]]
+    assert edge["healthcheck"]["test"] == ["CMD", "kamcmd", "core.uptime"]
+    assert '#!define CTL_SOCKET "unix:/run/kamailio/kamailio_ctl"' in cfg, "kamcmd's default socket"
+    dockerfile = (REPO / "deploy/kamailio/Dockerfile").read_text()
+    assert 'ENTRYPOINT ["kamailio", "-DD", "-E", "-f", "/etc/kamailio/kamailio.cfg"]' in dockerfile
+    checked = kamailio_check(defines)
+    assert checked is None or checked.returncode == 0, checked.stderr[-3000:]
 
 
 def test_redis_is_where_the_bridges_look_for_it(resolved):

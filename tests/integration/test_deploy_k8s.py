@@ -197,6 +197,63 @@ def test_prometheus_finds_the_pods_through_the_headless_services():
         assert sd["port"] == metrics_port(component) == svc["spec"]["ports"][0]["port"]
 
 
+def test_the_edge_finds_the_ready_bridges_and_runs_the_shipped_config(tmp_path):
+    """The Kamailio edge (kamailio.yaml): on the node's network at the node's address, on a
+    port the bridge does not take (both may share a node); its sidecar resolves a headless
+    Service of the ready bridge pods and writes the list Kamailio reads, on the bridges' SIP
+    port, reloading through the socket Kamailio opens. The sidecar's script, run for real
+    (`localhost` resolves from /etc/hosts: no DNS query leaves the machine), writes a list in
+    the dispatcher's format."""
+    from tests.integration.test_deploy_compose import kamailio_check, kamailio_defines
+
+    namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    pod = deployment("kamailio")["spec"]["template"]["spec"]
+    [edge] = pod["containers"]
+    [side] = pod["initContainers"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert side["restartPolicy"] == "Always", "a native sidecar: it runs beside Kamailio"
+    assert edge["image"] == side["image"] and edge["image"].startswith("duplexline-kamailio:")
+    defines = kamailio_defines(edge["args"])
+    env = {e["name"]: e for e in edge["env"]}
+    assert defines["LISTEN_ADDR"] == "$(NODE_IP)"
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    sip = int(defines["SIP_PORT"])
+    ports = {(p["containerPort"], p["protocol"]) for p in edge["ports"]}
+    assert ports == {(sip, "UDP"), (sip, "TCP")}
+    bridge = container("bridge")
+    bridge_sip = listen_port(bridge, "DUPLEXLINE_SIP_LISTEN")
+    low, high = map(int, k8s_env(bridge)["DUPLEXLINE_RTP_PORTS"].split("-"))
+    bridge_ports = {(p["containerPort"], p["protocol"]) for p in bridge["ports"]} | {(p, "UDP") for p in range(low, high + 1)}
+    assert not ports & bridge_ports, "the edge and a bridge on one node want the same port"
+    # The sidecar: the headless Service of ready bridges, their SIP port, the edge's files.
+    side_env = {e["name"]: e["value"] for e in side["env"]}
+    services = {s["metadata"]["name"]: s for s in of_kind("Service")}
+    name, _, rest = side_env["BRIDGE_SERVICE"].partition(".")
+    assert rest == f"{namespace}.svc.cluster.local"
+    svc = services[name]["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is False
+    assert selects(svc["selector"], deployment("bridge")["spec"]["template"]["metadata"]["labels"])
+    assert int(side_env["BRIDGE_PORT"]) == bridge_sip
+    assert defines["DISPATCHER_LIST"] == f'"{side_env["DISPATCHER_LIST"]}"'
+    assert defines["CTL_SOCKET"] == f'"{side_env["CTL_SOCKET"]}"'
+    assert side_env["CTL_SOCKET"] in edge["livenessProbe"]["exec"]["command"]
+    mounts = [{m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (edge, side)]
+    shared = os.path.dirname(side_env["DISPATCHER_LIST"])
+    assert mounts[0][shared] == mounts[1][shared] and os.path.dirname(side_env["CTL_SOCKET"][5:]) == shared
+    assert side["command"] == ["/usr/local/bin/dispatcher-dns"]
+    assert "COPY dispatcher-dns.sh /usr/local/bin/dispatcher-dns" in (REPO / "deploy/kamailio/Dockerfile").read_text()
+    assert side["startupProbe"]["exec"]["command"] == ["test", "-s", side_env["DISPATCHER_LIST"]]
+    # The script, for real.
+    listed = tmp_path / "dispatcher.list"
+    run = subprocess.run(["sh", str(REPO / "deploy/kamailio/dispatcher-dns.sh"), "--once"], capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "BRIDGE_SERVICE": "localhost", "BRIDGE_PORT": str(bridge_sip),
+                                                     "DISPATCHER_LIST": str(listed), "CTL_SOCKET": f"unix:{tmp_path}/none"})
+    assert run.returncode == 0, run.stderr
+    assert listed.read_text().splitlines() == [f"1 sip:127.0.0.1:{bridge_sip} 0 0 duid=127.0.0.1"]
+    checked = kamailio_check({**defines, "LISTEN_ADDR": K8S_FIELDS["status.hostIP"]})
+    assert checked is None or checked.returncode == 0, checked.stderr[-3000:]
+
+
 def test_the_manifests_match_the_kubernetes_schema():
     """Kubernetes' own OpenAPI schemas (kubernetes-validate, a test dependency), strict: an
     unknown field is an error, as `kubectl apply --validate=strict` makes it."""

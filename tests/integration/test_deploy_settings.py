@@ -59,6 +59,8 @@ def k8s_containers() -> list[tuple[str, dict]]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "Deployment":
                 for c in doc["spec"]["template"]["spec"]["containers"]:
+                    if not c["image"].startswith("duplexline:"):
+                        continue  # not a duplexline process (the Kamailio edge)
                     out.append((f"{path.name} {doc['metadata']['name']}/{c['name']}", c))
     return out
 
