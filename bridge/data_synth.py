@@ -2,7 +2,7 @@
 
     duplexline data synth --out DIR [--count N] [--seed S] [--dialogues FILE]
         [--patterns respond=1,interrupt=1,wait=1] [--snr 15,30|off] [--noise white,pink]
-        [--law ulaw|alaw|none] [--backchannel P] [--jobs N]
+        [--law ulaw|alaw|none] [--backchannel P] [--gap|--pause|--cut LOW,HIGH] [--jobs N]
 
 Writes DIR/audio/ID.wav (stereo 16 kHz PCM16: left the caller after the phone line, right
 the assistant), one DIR/manifest.jsonl line per dialogue (docs/training.md) and
@@ -37,6 +37,7 @@ DEFAULT_PATTERNS = "respond=1,interrupt=1,wait=1"
 DEFAULT_SNR = "15,30"
 DEFAULT_NOISE = "white,pink"
 DEFAULT_BACKCHANNEL = 0.2
+DEFAULT_TIMING = {"gap": (0.2, 0.8), "pause": (0.5, 1.5), "cut": (0.2, 0.6)}  # data_layout.Timing's
 MANIFEST = "manifest.jsonl"
 SETTINGS = "synth.json"
 
@@ -70,6 +71,16 @@ def _snr(text: str) -> tuple[float, float] | None:
         raise argparse.ArgumentTypeError(f"{text!r}: give LOW,HIGH in dB (e.g. 15,30) or off") from None
     if not -20 <= lo <= hi <= 80:
         raise argparse.ArgumentTypeError(f"{text!r}: need -20 <= LOW <= HIGH <= 80")
+    return lo, hi
+
+
+def _span(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give LOW,HIGH in seconds (e.g. 0.2,0.8)") from None
+    if not 0 <= lo <= hi <= 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LOW <= HIGH <= 10 seconds")
     return lo, hi
 
 
@@ -123,6 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backchannel", type=_probability, default=DEFAULT_BACKCHANNEL, metavar="P",
                         help="chance of a backchannel (mhm, okay, ...) on the other channel during a turn "
                         f"segment of 2 s or more (default {DEFAULT_BACKCHANNEL})")
+    for name, help_text in (("gap", "from one speaker's end to the other's start"),
+                            ("pause", "wait pattern: the caller's pause mid-turn"),
+                            ("cut", "interrupt pattern: from the caller's onset to the assistant's stop")):
+        default = DEFAULT_TIMING[name]
+        parser.add_argument(f"--{name}", type=_span, default=default, metavar="LOW,HIGH",
+                            help=f"{help_text}, seconds drawn uniformly (default {default[0]},{default[1]})")
     parser.add_argument("--jobs", type=_positive, default=min(4, os.cpu_count() or 1), metavar="N",
                         help="dialogues synthesised at once (threads; default: CPUs, at most 4)")
 
@@ -141,6 +158,7 @@ def add_synth_parser(data_subparsers) -> argparse.ArgumentParser:
 def synth(args: argparse.Namespace) -> int:
     """Run `duplexline data synth`; exit status 0, or 2 with a message on bad input."""
     from .data_dialogues import load_dialogues
+    from .data_layout import Timing
     from .data_render import SynthConfig
     from .data_speech import require_espeak
 
@@ -148,7 +166,8 @@ def synth(args: argparse.Namespace) -> int:
         require_espeak()
         dialogues = load_dialogues(args.dialogues) if args.dialogues else None
         config = SynthConfig(seed=args.seed, patterns=args.patterns, snr=args.snr, noises=args.noise,
-                             law=None if args.law == "none" else args.law, backchannel=args.backchannel)
+                             law=None if args.law == "none" else args.law, backchannel=args.backchannel,
+                             timing=Timing(gap=args.gap, pause=args.pause, cut=args.cut))
         count = args.count or (len(dialogues) if dialogues else DEFAULT_COUNT)
         started = time.monotonic()
         written, skipped = run_synth(Path(args.out), count, config, dialogues,

@@ -322,9 +322,13 @@ def test_command_with_a_dialogue_file(tmp_path, capsys):
     path.write_text(json.dumps({"turns": turns}) + "\n" + json.dumps({"turns": turns[::-1]}) + "\n")
     out = tmp_path / "out"
     args = parse(["--out", str(out), "--dialogues", str(path), "--patterns", "wait=1", "--law", "alaw",
-                  "--snr", "off", "--jobs", "1"])
+                  "--snr", "off", "--jobs", "1", "--pause", "0.9,0.9", "--gap", "0.3,0.3"])
     assert synth(args) == 0
     records = read_manifest(out / "manifest.jsonl")
+    user, assistant = records[0]["turns"][:2]
+    (_, first_end), (second_start, _) = [(g["start"], g["end"]) for g in user["segments"]]
+    assert second_start - first_end == pytest.approx(0.9, abs=1e-3)  # --pause reached the layout
+    assert assistant["start"] - user["end"] == pytest.approx(0.3, abs=1e-3)  # and --gap
     assert [r["source"] for r in records] == [f"{path}:1", f"{path}:2"]
     assert records[0]["pattern"] == "wait" and records[0]["line"] == "alaw" and records[0]["snr_db"] is None
     assert "wrote 2 dialogues" in capsys.readouterr().out
@@ -337,11 +341,13 @@ def test_command_defaults_are_the_config_defaults():
     args, config = parse(["--out", "x"]), SynthConfig()
     assert (args.patterns, args.snr, args.noise, args.law, args.backchannel) == (
         config.patterns, config.snr, config.noises, config.law, config.backchannel)
+    assert (args.gap, args.pause, args.cut) == (config.timing.gap, config.timing.pause, config.timing.cut)
 
 
 def test_bad_options_are_refused():
     for argv in (["--patterns", "respond=1,shout=2"], ["--patterns", "wait=0"], ["--snr", "30"],
-                 ["--backchannel", "2"], ["--law", "g722"], ["--count", "0"]):
+                 ["--backchannel", "2"], ["--law", "g722"], ["--count", "0"], ["--gap", "0.8,0.2"],
+                 ["--pause", "1"], ["--cut", "-1,0.5"]):
         with pytest.raises(SystemExit):
             parse(["--out", "x", *argv])
     assert parse(["--out", "x", "--patterns", "interrupt=2,respond=1"]).patterns == (("respond", 1.0),
