@@ -25,11 +25,12 @@ MODES = (THREE_STREAM, TWO_STREAM)
 class SamplingConfig:
     """temperature 0 means greedy. top_k 0 and top_p 1.0 mean no truncation.
 
-    speak_threshold > 0 decides each speech slot in two steps: speak when the codes'
-    total probability reaches it (else the silent token), then pick a code by the other
-    settings. A small model spreads its speaking mass over thousands of codes, so the one
-    silent token is the argmax even where speaking is likelier: greedy never speaks, and
-    plain sampling speaks at random moments. 0 (the default) leaves the slot to them."""
+    speak_threshold > 0 decides each text and speech slot in two steps: speak when the
+    non-silent tokens' total probability reaches it (else the silent token), then pick one
+    of them by the other settings. A small model spreads its speaking mass over thousands
+    of tokens, so the one silent token is the argmax even where speaking is likelier:
+    greedy never speaks, and plain sampling speaks at random moments. 0 (the default)
+    leaves the slot to them (docs/engine.md)."""
 
     temperature: float = 0.0
     top_k: int = 0

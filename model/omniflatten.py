@@ -257,8 +257,7 @@ class BatchStepper:
             one[slot] = 1
         for k, kind in enumerate(self._kinds):
             logits = self.model.candidate_logits(h, kind)
-            if kind == "speech":
-                logits = gate_speaking(logits, speak_threshold)
+            logits = gate_speaking(logits, speak_threshold)
             if any_sampled:
                 u = torch.tensor([uniform_from_counter(st.sampling.seed, st.sampled + k) for st in states],
                                  dtype=torch.float64, device=dev)

@@ -1,6 +1,6 @@
-"""sampling.speak_threshold: each speech slot first decides speaking against silence by
-the codes' total probability, then picks a code; checked token by token against a plain
-forward pass's softmax."""
+"""sampling.speak_threshold: each text and speech slot first decides speaking against
+silence by the non-silent tokens' total probability, then picks one of them; checked
+token by token against a plain forward pass's softmax."""
 
 import random
 
@@ -37,12 +37,19 @@ def model():
     return build_model(tiny_config(dtype="float64", speech_codebook_size=16), seed=4)
 
 
-def _codes_mass(model, hidden):
-    """The speech codes' total probability among the speech slot's candidates, per row."""
+def _candidates(model, kind):
+    """A slot kind's non-silent ids, and its silent id."""
     v = model.vocab
-    columns = torch.cat([torch.arange(v.speech_base, v.special_base), torch.tensor([v.silent_speech])])
+    if kind == "text":
+        return torch.arange(0, v.text_size), v.silent_text
+    return torch.arange(v.speech_base, v.special_base), v.silent_speech
+
+
+def _codes_mass(model, hidden, kind="speech"):
+    """The non-silent tokens' total probability among the slot's candidates, per row."""
+    ids, silent = _candidates(model, kind)
     with torch.inference_mode():
-        return (hidden @ model.head_weight.T)[:, columns].softmax(-1)[:, :-1].sum(-1)
+        return (hidden @ model.head_weight.T)[:, torch.cat([ids, torch.tensor([silent])])].softmax(-1)[:, :-1].sum(-1)
 
 
 def _user_chunks(model, count):
@@ -52,8 +59,8 @@ def _user_chunks(model, count):
 
 
 def _check_gated_run(model, users, threshold):
-    """Steps a gated greedy session, then checks each speech slot against a plain forward
-    pass over what it produced. Returns (slots that spoke, slots kept silent)."""
+    """Steps a gated greedy session, then checks each slot against a plain forward pass
+    over what it produced. Returns, per slot kind, how many spoke and how many stayed silent."""
     v, lay = model.vocab, model.layout
     session = OmniFlattenSession(model, sampling=SamplingConfig(speak_threshold=threshold))
     chunks = []
@@ -62,28 +69,34 @@ def _check_gated_run(model, users, threshold):
         chunks.append(Chunk(tuple(user), r.token_ids[:lay.text], r.token_ids[lay.text:]))
     flat = flatten(chunks, lay)
     hidden = model.forward_full(flat.ids)
-    mass = _codes_mass(model, hidden)
-    codes = torch.arange(v.speech_base, v.special_base)
-    spoke = silent = 0
+    mass = {kind: _codes_mass(model, hidden, kind) for kind in ("text", "speech")}
+    spoke = {"text": 0, "speech": 0}
+    silent = {"text": 0, "speech": 0}
     for pos, learned in enumerate(flat.loss_mask):
-        if not learned or (pos % lay.length) < lay.user + lay.text:
+        if not learned:
             continue
+        kind = "text" if (pos % lay.length) < lay.user + lay.text else "speech"
+        ids, silent_id = _candidates(model, kind)
         chosen = flat.ids[pos]
-        if float(mass[pos - 1]) >= threshold:
+        if float(mass[kind][pos - 1]) >= threshold:
             with torch.inference_mode():
-                likeliest = int(codes[(hidden[pos - 1] @ model.head_weight[codes].T).argmax()])
-            assert chosen == likeliest, f"threshold {threshold}, position {pos}: should speak its likeliest code"
-            spoke += 1
+                likeliest = int(ids[(hidden[pos - 1] @ model.head_weight[ids].T).argmax()])
+            assert chosen == likeliest, f"threshold {threshold}, {kind} position {pos}: should speak its likeliest"
+            spoke[kind] += 1
         else:
-            assert chosen == v.silent_speech, f"threshold {threshold}, position {pos}: should stay silent"
-            silent += 1
+            assert chosen == silent_id, f"threshold {threshold}, {kind} position {pos}: should stay silent"
+            silent[kind] += 1
     return spoke, silent
 
 
 def test_greedy_gate_follows_the_plain_forward_softmax(model):
     users = _user_chunks(model, 8)
-    # Thresholds across this random model's narrow range of code mass, so that some run
-    # takes both branches (where a run goes silent, it tends to stay silent).
-    mass = _codes_mass(model, model.forward_full([i for u in users for i in u]))
-    runs = [_check_gated_run(model, users, float(mass.quantile(q))) for q in (0.05, 0.2, 0.35, 0.5)]
-    assert any(spoke > 0 and silent > 0 for spoke, silent in runs), runs
+    # Thresholds across this random model's narrow ranges of mass (a text slot's is near
+    # 1: one silent token among 257), so that some runs take both branches of each kind
+    # (where a run goes silent, it tends to stay silent).
+    hidden = model.forward_full([i for u in users for i in u])
+    thresholds = [float(_codes_mass(model, hidden, kind).quantile(q))
+                  for kind in ("speech", "text") for q in (0.05, 0.2, 0.35, 0.5)]
+    runs = [_check_gated_run(model, users, t) for t in thresholds]
+    for kind in ("speech", "text"):
+        assert any(spoke[kind] > 0 and silent[kind] > 0 for spoke, silent in runs), (kind, runs)
