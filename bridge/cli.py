@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--decoder", choices=("v1", "v2"), default=None,
                       help="tiny random CosyVoice flow + HiFT decoder files in the official layout: v1 (50 Hz "
                       "codes, 22.05 kHz) or v2 (25 Hz, 6561 codes, 24 kHz); default: the stand-in tone decoder")
+    init.add_argument("--layers", type=int, default=2, help="backbone layers (default 2)")
+    init.add_argument("--width", type=int, default=64, help="backbone width, a multiple of 32 (default 64)")
+    init.add_argument("--codebook", type=int, default=None, metavar="N",
+                      help="speech codes (default 4096; not with --decoder, whose family fixes them)")
+    init.add_argument("--fit-codebook", metavar="MANIFEST", default=None,
+                      help="fit the tokenizer to a training manifest's audio, so its codes follow the sound, not "
+                      "the frame's position (docs/training.md, \"The demo model\")")
+    init.add_argument("--fit-entries", type=int, default=100, metavar="N",
+                      help="manifest entries --fit-codebook reads (default 100)")
     init.set_defaults(func=_model_init)
 
     data = sub.add_parser("data", help="training data: synthetic phone dialogues, tokenized shards")
@@ -84,9 +93,18 @@ def _model_init(args: argparse.Namespace) -> int:
     configure_logging("INFO")
     from model.checkpoint import write_tiny_model
 
-    path = write_tiny_model(args.out, seed=args.seed, decoder=args.decoder)
+    from model.errors import CheckpointError
+
+    try:
+        path = write_tiny_model(args.out, seed=args.seed, decoder=args.decoder, layers=args.layers,
+                                width=args.width, codebook_size=args.codebook, fit_manifest=args.fit_codebook,
+                                fit_entries=args.fit_entries)
+    except (CheckpointError, ValueError) as exc:  # a manifest's or audio file's error is a ValueError
+        print(f"duplexline model init: {exc}", file=sys.stderr)
+        return 2
     which = f"tiny random CosyVoice {args.decoder} decoder" if args.decoder else "stand-in tone decoder"
-    print(f"wrote a tiny, untrained OmniFlatten model to {path} ({which})")
+    fitted = f", tokenizer fitted to {args.fit_codebook}" if args.fit_codebook else ""
+    print(f"wrote a tiny, untrained OmniFlatten model to {path} ({which}{fitted})")
     return 0
 
 

@@ -44,14 +44,20 @@ class LoadedModel:
     decoder: SpeechDecoder
 
 
+def tiny_backbone(layers: int = 2, width: int = 64) -> dict[str, Any]:
+    """A small Qwen2 config: `layers` of `width`, width/32 heads (at least 4), half as many
+    key-value heads, a feed-forward twice the width. The defaults are `tiny_config`'s."""
+    if layers < 1 or width < 32 or width % 32:
+        raise ValueError(f"need at least 1 layer and a width that is a multiple of 32, got {layers} x {width}")
+    heads = max(4, width // 32)
+    return {"vocab_size": 256, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2), "max_position_embeddings": 2048,
+            "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
+
+
 def tiny_config(**changes: Any) -> OmniFlattenConfig:
     """A few layers, small widths, the real vocabulary layout: for tests and demos."""
-    backbone = {
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
-        "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    }
-    return OmniFlattenConfig(**{"backbone": backbone, "context_length": 512, **changes})
+    return OmniFlattenConfig(**{"backbone": tiny_backbone(), "context_length": 512, **changes})
 
 
 def qwen2_05b_config(**changes: Any) -> OmniFlattenConfig:
@@ -219,21 +225,33 @@ DECODER_FAMILIES = {  # the OmniFlatten speech settings each CosyVoice family im
 }
 
 
-def write_tiny_model(out: str | Path, seed: int = 0, decoder: str | None = None) -> Path:
+def write_tiny_model(out: str | Path, seed: int = 0, decoder: str | None = None, *, layers: int = 2,
+                     width: int = 64, codebook_size: int | None = None, fit_manifest: str | Path | None = None,
+                     fit_entries: int = 100) -> Path:
     """A tiny random model folder. `decoder`: None for the stand-in tone decoder, or
     "v1" / "v2" for tiny random CosyVoice flow + HiFT files in the official layout (the
-    model's speech codes, rate and the tokenizer then follow that family)."""
+    model's speech codes, rate and the tokenizer then follow that family). `layers`,
+    `width`: the backbone (`tiny_backbone`); `codebook_size`: the speech codes (default
+    the family's). `fit_manifest`: a training manifest whose first `fit_entries` entries
+    fit the tokenizer (model/train/codebook_fit.py), so its codes follow the sound."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(out, "folder exists and is not empty; choose a new one")
     if decoder is not None and decoder not in DECODER_FAMILIES:
         raise ValueError(f"decoder must be one of {', '.join(DECODER_FAMILIES)}, got {decoder!r}")
-    config = tiny_config(**DECODER_FAMILIES.get(decoder or "", {}))
+    if codebook_size and decoder is not None:
+        raise ValueError(f"the {decoder} decoder fixes the speech codes; leave the codebook size out")
+    sizes = {"speech_codebook_size": codebook_size} if codebook_size else {}
+    config = tiny_config(backbone=tiny_backbone(layers, width), **{**DECODER_FAMILIES.get(decoder or "", {}), **sizes})
     model = build_model(config, seed=seed)
     from .s3_tokenizer import S3Tokenizer, tiny_config_for
 
     # v2's 6561 codes get the v2 architecture (FSMN blocks, FSQ), as CosyVoice2's own tokenizer.
     tokenizer = S3Tokenizer.random(tiny_config_for(config.speech_token_rate, config.speech_codebook_size), seed=seed)
+    if fit_manifest is not None:
+        from .train.codebook_fit import content_front_end, fit_codebook, manifest_signals
+
+        fit_codebook(content_front_end(tokenizer), manifest_signals(fit_manifest, fit_entries), seed=seed)
     speech: SpeechDecoder | None = None
     if decoder is not None:
         from .cosyvoice_decoder import CosyVoiceDecoder

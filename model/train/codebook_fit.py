@@ -20,7 +20,8 @@ tokenizer saves, loads and streams like any other.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from ..s3_tokenizer import S3Tokenizer
 
-__all__ = ["content_front_end", "fit_codebook", "frame_features"]
+__all__ = ["content_front_end", "fit_codebook", "frame_features", "manifest_signals"]
 
 
 @torch.no_grad()
@@ -85,3 +86,18 @@ def fit_codebook(tokenizer: S3Tokenizer, signals: Iterable[np.ndarray], iteratio
             progress(f"k-means {i + 1}/{iterations}: {int(empty.sum())} empty codes")
     tokenizer.model.quantizer._codebook.embed.copy_(centres)
     return tokenizer
+
+
+def manifest_signals(manifest: str | Path, limit: int, sample_rate: int = 16000) -> Iterator[np.ndarray]:
+    """The audio of a training manifest's first `limit` entries: both channels of a
+    dialogue (the caller's codes and the assistant's come from one codebook), a pair's
+    one utterance."""
+    from .audio import read_audio
+    from .manifest import DialogueEntry, read_manifest, resolve_audio
+
+    for entry in read_manifest(manifest)[:limit]:
+        if not isinstance(entry, DialogueEntry):
+            yield read_audio(resolve_audio(manifest, entry.audio), sample_rate)[0][0]
+            continue
+        for path, column in ((entry.user_audio, entry.user_channel), (entry.assistant_audio, entry.assistant_channel)):
+            yield read_audio(resolve_audio(manifest, path), sample_rate)[0][column or 0]

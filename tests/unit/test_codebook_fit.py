@@ -1,6 +1,8 @@
 """The fitted demo tokenizer: identity blocks, k-means centres, codes that tell a loud
 voice-like sound from quiet noise where the random tokenizer's do not."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,31 @@ def test_too_little_audio_is_refused():
     tok = content_front_end(S3Tokenizer.random(tiny_config_for(50, 256), seed=0))
     with pytest.raises(ValueError, match="cannot place 256 codes"):
         fit_codebook(tok, [np.zeros(RATE, np.float32)])
+
+
+def test_model_init_fits_the_tokenizer_to_a_manifest(tmp_path, signals):
+    from scipy.io import wavfile
+
+    from bridge.cli import main
+    from model.checkpoint import load_model
+
+    (tmp_path / "audio").mkdir()
+    lines = []
+    for i, (pcm, _) in enumerate(signals[:3]):
+        # The assistant's channel is the caller's, delayed: both channels feed the fit.
+        stereo = np.stack([pcm, np.roll(pcm, RATE // 4)], axis=1)
+        wavfile.write(tmp_path / "audio" / f"d{i}.wav", RATE, np.round(stereo * 32767).astype(np.int16))
+        lines.append(json.dumps({"version": 1, "sample_rate": RATE, "id": f"d{i}", "audio": f"audio/d{i}.wav", "channels": {"user": 0, "assistant": 1},
+                                 "duration": len(pcm) / RATE,
+                                 "turns": [{"speaker": "user", "text": "hello", "start": 0.0, "end": 1.0}]}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "model"
+    assert main(["model", "init", "--tiny", str(out), "--layers", "3", "--width", "96", "--codebook", "64",
+                 "--fit-codebook", str(tmp_path / "m.jsonl"), "--fit-entries", "3"]) == 0
+    loaded = load_model(out)
+    backbone = loaded.model.backbone.config
+    assert (backbone.num_hidden_layers, backbone.hidden_size) == (3, 96)
+    assert loaded.model.vocab.speech_codes == 64 == loaded.tokenizer.codebook_size
+    assert _purity(loaded.tokenizer, signals[3:]) > 0.97  # the saved tokenizer is the fitted one
+    assert main(["model", "init", "--tiny", str(tmp_path / "bad"), "--fit-codebook", str(tmp_path / "none.jsonl")]) == 2
+    assert not (tmp_path / "bad").exists()
