@@ -14,7 +14,7 @@ with the SIP status to answer (486 busy, 503 draining with Retry-After, 404 no r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class CallInfo:
     direction: str = "in"  # "out": we dialled
     wire: str = ""  # what carries it, for records: udp, tcp, webrtc ("": the transport's name)
     webhooks: tuple[str, ...] = ()  # the route's webhook URLs, besides the global ones
+    record: bool = False  # the route asks for a recording (besides --record: every call)
 
 
 class AudioSink(Protocol):
@@ -52,6 +53,10 @@ class AudioSink(Protocol):
     @property
     def depth_ms(self) -> float:
         """Milliseconds queued and not yet played."""
+
+    def tap(self, listener: Callable[[np.ndarray], None]) -> None:
+        """From now on, hand `listener` every frame sent to the caller, at 16 kHz (int16
+        [320]), on the tick that sends it: a call's recording (agent/recording.py)."""
 
 
 class CallRefused(AgentError):

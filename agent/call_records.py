@@ -1,7 +1,8 @@
 """`CallRecords`: what the `CallManager` learns about calls, sent out of the bridge: each
 ended or refused call's CDR to the CDR sinks (file, Redis stream), and call events to the
 webhooks (`call.started`, `call.answered`, `call.dtmf`, `call.transferred`,
-`call.rehomed`, and `call.ended` whose body is the CDR).
+`call.rehomed`, and `call.ended` whose body is the CDR); and it holds the `Recorder` of
+call audio (agent/recorder.py), which the manager attaches to the calls it records.
 
 Everything here runs on the event loop and only queues: the sinks and the webhooks do
 their I/O on their own thread or tasks, so no call waits on a disk or a receiver.
@@ -14,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .cdr import SCHEMA_VERSION, encode, iso_utc, parties
+from .recorder import Recorder
 from .webhooks import Webhooks
 
 if TYPE_CHECKING:
@@ -39,9 +41,11 @@ class RecordSink(Protocol):
 
 
 class CallRecords:
-    def __init__(self, sinks: tuple[RecordSink, ...] = (), webhooks: Webhooks | None = None) -> None:
+    def __init__(self, sinks: tuple[RecordSink, ...] = (), webhooks: Webhooks | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.sinks = sinks
         self.webhooks = webhooks
+        self.recorder = recorder
         self._started: list = []
 
     @property
@@ -50,10 +54,11 @@ class CallRecords:
         return bool(self.sinks) or self.webhooks is not None
 
     async def start(self) -> None:
-        """A sink that cannot start (a CDR folder not writable) raises; what started is
-        closed again."""
+        """A part that cannot start (a CDR or recording folder not writable) raises; what
+        started is closed again."""
         try:
-            for part in (*self.sinks, *([self.webhooks] if self.webhooks else [])):
+            for part in (*self.sinks, *([self.webhooks] if self.webhooks else []),
+                         *([self.recorder] if self.recorder else [])):
                 await part.start()
                 self._started.append(part)
         except BaseException:

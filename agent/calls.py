@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Iterable
 
@@ -22,6 +23,7 @@ from .cdr import refused_record
 from .errors import DuplicateCall
 from .metrics import AgentMetrics
 from .once import Once
+from .quality import watch_lines
 from .session import CallSession
 from .store import CallRecord, CallState, SessionStore, Transport, keep_leases
 
@@ -33,8 +35,9 @@ log = logging.getLogger(__name__)
 class CallManager:
     def __init__(self, agent: Agent, store: SessionStore, metrics: AgentMetrics, *,
                  bridge_id: str | None = None, worker_id: str = "local",
-                 records: CallRecords | None = None) -> None:
+                 records: CallRecords | None = None, dead_air_seconds: float = 0.0) -> None:
         self.agent = agent
+        self.dead_air_seconds = dead_air_seconds  # 0: off (agent/quality.py)
         self.records = records or CallRecords()
         self.store = store
         self.metrics = metrics
@@ -45,6 +48,7 @@ class CallManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lease_task: asyncio.Task | None = None
+        self._line_task: asyncio.Task | None = None
         self._closing = Once()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -66,6 +70,8 @@ class CallManager:
         self._lease_task = asyncio.get_running_loop().create_task(
             keep_leases(self.store, lambda: list(self._calls), self._lease_lost,
                         before_renew=self._flush_counts), name="call-leases")
+        self._line_task = asyncio.get_running_loop().create_task(
+            watch_lines(lambda: [c.line for c in self._calls.values()], time.monotonic), name="call-lines")
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Refuse new calls; wait up to `timeout` for live calls to end, then hang up the
@@ -88,9 +94,10 @@ class CallManager:
         self.draining = True
         await asyncio.gather(*(c.request_hangup("shutdown") for c in list(self._calls.values())),
                              return_exceptions=True)
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            await asyncio.gather(self._lease_task, return_exceptions=True)
+        for task in (self._lease_task, self._line_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.agent.close()
         await self.store.close()
         await self.records.close()  # after the last call's CDR was queued
@@ -106,7 +113,8 @@ class CallManager:
             raise self._refused(info, CallRefused(503, "Service Unavailable (draining)", retry_after=30))
         if info.call_id in self._calls:
             raise self._refused(info, CallRefused(482, "Loop Detected (duplicate call id)"))
-        session = CallSession(info, self.store, self.metrics, self._ended, self.records.answered)
+        session = CallSession(info, self.store, self.metrics, self._ended, self.records.answered,
+                              dead_air_seconds=self.dead_air_seconds)
         try:
             agent_session = await self.agent.open(info, sink, session.emit, session.request_hangup)
             session.attach(agent_session)
@@ -128,6 +136,8 @@ class CallManager:
         records = self.records
         session.on_event(lambda kind, data: records.event(session, kind, data))
         records.started(session)
+        if records.recorder is not None:
+            records.recorder.attach(session, sink)
         return session
 
     def refused(self, info: CallInfo, sip_code: int | None, detail: str) -> None:
@@ -144,6 +154,8 @@ class CallManager:
     def _ended(self, session: CallSession) -> None:
         if self._calls.pop(session.info.call_id, None) is None:
             return
+        if session.recording is not None:
+            session.recording.close()  # no more frames: the writer finishes the file
         transport = str(session.info.transport)
         self.metrics.active_calls.labels(transport=transport).dec()
         self.metrics.calls.labels(transport=transport, outcome="completed").inc()

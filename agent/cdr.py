@@ -9,8 +9,8 @@ session's own counters do not hold: wall-clock times, the wire facts the transpo
 event hook is a few comparisons: it runs for every event a call emits.
 
 Every field of SCHEMA_VERSION 1 is always present (null when unknown); a change that
-removes or renames a field bumps the version. `quality` is reserved for line quality
-(loss, jitter, RTT, MOS) and is null until that lands.
+removes or renames a field bumps the version. `quality` is the call's line quality
+(agent/quality.py builds it); null for refused calls.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class CallDetail:
     bargeins: int = 0
     rehomes: int = 0
     first_audio_ms: list[float] = field(default_factory=list)
+    recording: str | None = None  # the call's recording file (agent/recorder.py), once it has audio
 
     def on_event(self, kind: str, data: dict) -> None:
         if kind == "latency":
@@ -115,7 +116,8 @@ def parties(info: CallInfo) -> dict[str, Any]:
 
 
 def call_record(info: CallInfo, detail: CallDetail, *, bridge: str, worker: str | None, reason: str,
-                frames_in: int, frames_out: int, frames_late: int, frames_lost: int) -> dict[str, Any]:
+                frames_in: int, frames_out: int, frames_late: int, frames_lost: int,
+                quality: dict | None = None) -> dict[str, Any]:
     """The CDR of an admitted call that has ended (`detail.ended_at` set)."""
     d = detail
     ended = d.ended_at if d.ended_at is not None else time.time()
@@ -132,7 +134,8 @@ def call_record(info: CallInfo, detail: CallDetail, *, bridge: str, worker: str 
                    "dropped": d.frames_dropped},
         "first_audio_ms": ({"p50": round(_p50(d.first_audio_ms), 1), "max": round(max(d.first_audio_ms), 1),
                             "count": len(d.first_audio_ms)} if d.first_audio_ms else None),
-        "barge_ins": d.bargeins, "dtmf_digits": d.dtmf_digits, "rehomes": d.rehomes, "quality": None,
+        "barge_ins": d.bargeins, "dtmf_digits": d.dtmf_digits, "rehomes": d.rehomes, "quality": quality,
+        "recording": d.recording,
     })
     return record
 
@@ -146,7 +149,8 @@ def refused_record(info: CallInfo, *, bridge: str, sip_code: int | None, detail:
                    bridge=bridge, invited_at=now, ended_at=now)
     record.update({"end_reason": "refused", "end_detail": detail, "sip_code": sip_code,
                    "frames": {"in": 0, "out": 0, "late": 0, "lost": 0, "dropped": 0}, "first_audio_ms": None,
-                   "barge_ins": 0, "dtmf_digits": 0, "rehomes": 0, "quality": None})
+                   "barge_ins": 0, "dtmf_digits": 0, "rehomes": 0, "quality": None,
+                   "recording": None})
     return record
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .once import stop_writer
 from .record_metrics import RecordMetrics, Throttled
 
 __all__ = ["CdrFile"]
@@ -77,13 +78,7 @@ class CdrFile:
         await asyncio.to_thread(self._stop_and_join, thread, timeout)
 
     def _stop_and_join(self, thread: threading.Thread, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
+        if not stop_writer(self._queue, thread, _STOP, timeout):
             log.warning("CDR file writer did not finish within %.0f s; %d records not written", timeout,
                         self._queue.qsize())
 

@@ -5,7 +5,8 @@
     GET  /readyz               engine loaded, store reachable, not draining (503 otherwise);
                                the legs' details (SIP registrations, live calls) ride along
     GET  /calls[?live=1]       calls from the store (every bridge's, with Redis)  (admin)
-    GET  /calls/{id}           one call with its latest events                    (admin)
+    GET  /calls/{id}           one call with its latest events, line quality      (admin)
+    GET  /calls/{id}/recording the call's recording, a WAV file; 404 when none     (admin)
     POST /calls/{id}/hangup    hang up a call this bridge holds                   (admin)
     POST /admin/drain          refuse new calls, let live ones finish, exit       (admin)
 
@@ -43,6 +44,16 @@ def _record_json(record: CallRecord) -> dict:
     data["transport"] = str(record.transport)
     data["state"] = str(record.state)
     return data
+
+
+def _quality(manager: CallManager, call_id: str, events: list) -> dict | None:
+    """Line quality (agent/quality.py): live from the session when this bridge holds the
+    call, else the summary stored as its "quality" event when it ended; null otherwise (a
+    live call on another bridge, a call that ended before it had a session)."""
+    session = manager.get(call_id)
+    if session is not None:
+        return session.line.summary(session.detail.codec)
+    return next((e.data for e in reversed(events) if e.kind == "quality"), None)
 
 
 def json_error(cls: type[web.HTTPException], message: str, **extra: object) -> web.HTTPException:
@@ -121,7 +132,20 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
             raise json_error(web.HTTPNotFound, f"no call {call_id!r}")
         body = _record_json(record)
         body["events"] = [{"kind": e.kind, "data": e.data, "time": e.time} for e in events]
+        body["quality"] = _quality(manager, call_id, events)
         return web.json_response(body)
+
+    async def recording(request: web.Request) -> web.StreamResponse:
+        require_admin(request, admin_token)
+        call_id = request.match_info["id"]
+        recorder = manager.records.recorder
+        path = recorder.path_for(call_id) if recorder is not None else None
+        # A stat can block on a slow disk: not on the event loop, which carries every call's audio.
+        if path is None or not await asyncio.get_running_loop().run_in_executor(None, path.is_file):
+            raise json_error(web.HTTPNotFound, f"no recording of call {call_id!r} on this bridge")
+        # Streamed from the file (a live call's as far as it is written: a valid WAV up to its last sync).
+        return web.FileResponse(path, headers={"Content-Type": "audio/wav",
+                                               "Content-Disposition": f'attachment; filename="{path.name}"'})
 
     async def hangup(request: web.Request) -> web.Response:
         require_admin(request, admin_token)
@@ -140,5 +164,6 @@ def add_control_routes(app: web.Application, manager: CallManager, registry: Col
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/calls", calls)
     app.router.add_get("/calls/{id}", call)
+    app.router.add_get("/calls/{id}/recording", recording)
     app.router.add_post("/calls/{id}/hangup", hangup)
     app.router.add_post("/admin/drain", drain)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .quality_metrics import QualityMetrics
+
 __all__ = ["AgentMetrics"]
 
 TRANSPORTS = ("sip", "webrtc")
@@ -60,6 +62,7 @@ class AgentMetrics:
         self.rehomes = Counter("duplexline_agent_rehomes_total",
                                "Sessions moved to another engine worker mid-call, by reason "
                                "(worker-lost, heartbeat, draining)", ["reason"], **kw)
+        self.quality = QualityMetrics(registry)
         self._registry = registry
         self._store_collector: _StoreCollector | None = None
         for reason in REHOME_REASONS:

@@ -1,5 +1,5 @@
-"""Metrics of what leaves the bridge about its calls: CDRs (file, Redis stream) and
-webhooks. Labels are bounded: a sink name, an event name, an outcome; never a URL (it may
+"""Metrics of what leaves the bridge about its calls: CDRs (file, Redis stream),
+webhooks and recordings. Labels are bounded: a sink name, an event name, an outcome; never a URL (it may
 carry a token) or a call id. Also `Throttled`: a warning at most every few seconds, so a
 dead disk or receiver is logged, not flooded."""
 
@@ -10,11 +10,13 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter
 
-__all__ = ["RecordMetrics", "Throttled", "CDR_SINKS", "CDR_OUTCOMES", "WEBHOOK_EVENTS", "WEBHOOK_OUTCOMES"]
+__all__ = ["RecordMetrics", "Throttled", "CDR_SINKS", "CDR_OUTCOMES", "WEBHOOK_EVENTS", "WEBHOOK_OUTCOMES",
+           "RECORDING_DROPS"]
 
 CDR_SINKS = ("file", "redis")
 CDR_OUTCOMES = ("written", "queue_full", "error")
 WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped")
+RECORDING_DROPS = ("queue_full", "error")
 WEBHOOK_EVENTS = ("call.started", "call.answered", "call.ended", "call.dtmf", "call.transferred", "call.rehomed")
 
 
@@ -31,6 +33,14 @@ class RecordMetrics:
                                 "shut down first)", ["event", "outcome"], **kw)
         self.webhook_retries = Counter("duplexline_webhook_retries_total",
                                        "Webhook attempts that failed and were tried again", **kw)
+        self.recording_dropped = Counter("duplexline_recording_frames_dropped_total",
+                                         "20 ms stereo frames of call recordings not written: queue_full "
+                                         "(the writer fell behind; silence in their place), error (the file "
+                                         "could not be created or written)", ["reason"], **kw)
+        self.recordings_deleted = Counter("duplexline_recording_files_deleted_total",
+                                          "Recordings deleted by --record-retention-days", **kw)
+        for reason in RECORDING_DROPS:
+            self.recording_dropped.labels(reason=reason)
         for sink in CDR_SINKS:  # every series from the start: dashboards show 0, not "no data"
             for outcome in CDR_OUTCOMES:
                 self.cdr.labels(sink=sink, outcome=outcome)

@@ -31,6 +31,8 @@ from .cdr import CallDetail, call_record
 from .errors import StaleSession
 from .metrics import AgentMetrics
 from .once import BackgroundTasks, Once
+from .recording import CallRecording
+from .quality import LineQuality
 from .store import CallEvent, CallState, SessionStore
 
 __all__ = ["CallSession", "FrameClock"]
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 FRAME_SECONDS = 0.02
 CONFIRM_FRAMES = 3  # late frames at a steady offset that show the frames before them were lost
 STORED_EVENTS = frozenset({"turn", "barge-in", "dtmf", "hold", "resume", "error", "hangup-requested",
-                           "rehomed", "voice", "transferred"})
+                           "rehomed", "voice", "transferred", "dead-air", "quality",
+                           "recording"})
 
 EventListener = Callable[[str, dict], None]
 HangupHandler = Callable[[str], Awaitable[None]]
@@ -103,9 +106,11 @@ class FrameClock:
 class CallSession:
     def __init__(self, info: CallInfo, store: SessionStore, metrics: AgentMetrics,
                  on_end: Callable[["CallSession"], None],
-                 on_answer: Callable[["CallSession"], None] | None = None) -> None:
+                 on_answer: Callable[["CallSession"], None] | None = None, *,
+                 dead_air_seconds: float = 0.0) -> None:
         self.info = info
         self.detail = CallDetail()  # the CDR's facts; the transport adds the wire's
+        self.line = LineQuality(str(info.transport), metrics.quality, self.emit, dead_air_seconds=dead_air_seconds)
         self.state = CallState.RINGING
         self.started = time.monotonic()
         self.frames_in = self.frames_out = self.frames_late = self.frames_lost = 0
@@ -115,6 +120,7 @@ class CallSession:
         self._on_end = on_end
         self._on_answer = on_answer
         self._agent: AgentSession | None = None
+        self.recording: CallRecording | None = None  # set at admission when the call is recorded (agent/recorder.py)
         self._listeners: list[EventListener] = []
         self._hangup: HangupHandler | None = None
         self._clock = FrameClock()
@@ -151,6 +157,7 @@ class CallSession:
         self.state = CallState.ACTIVE
         if self.detail.answered_at is None:
             self.detail.answered_at = time.time()
+            self.line.listen(time.monotonic())
             if self._on_answer is not None:
                 self._on_answer(self)
         await self._update(state=CallState.ACTIVE)
@@ -160,10 +167,15 @@ class CallSession:
         if len(frame) != FRAME_SAMPLES:
             raise ValueError(f"a frame is {FRAME_SAMPLES} samples at 16 kHz, got {len(frame)}")
         self.frames_in += 1
-        judged, lost = self._clock.arrive(time.monotonic())
+        if self.recording is not None:
+            self.recording.heard(frame)
+        now = time.monotonic()
+        judged, lost = self._clock.arrive(now)
         self._judge(judged)
+        self.line.frame(frame, now)
         if lost:
             self.frames_lost += lost
+            self.line.concealed += lost  # the agent hears silence in their place
             self._metrics.lost_frames.inc(lost)
         if self.state is CallState.ACTIVE and self._agent is not None:
             self._agent.feed(frame)
@@ -199,6 +211,10 @@ class CallSession:
         self.state = CallState.ON_HOLD if on else CallState.ACTIVE
         self._judge(self._clock.finish())
         self._clock.reset()
+        if on:
+            self.line.pause()
+        else:
+            self.line.listen(time.monotonic())
         if self._agent is not None:
             self._agent.set_hold(on)
         self.emit("hold" if on else "resume", {})
@@ -230,6 +246,7 @@ class CallSession:
             except Exception:
                 log.exception("call %s: agent session close failed", self.info.call_id)
         self.state = CallState.ENDED
+        self.emit("quality", self.line.finish(self.detail.codec))  # stored: /calls/{id} shows it after the end
         await self._bg.wait(2.0)  # queued event writes land before the end (the store never blocks long)
         await self.flush_counts()
         try:
@@ -249,7 +266,7 @@ class CallSession:
         worker = self._agent.worker if self._agent is not None else None
         return call_record(self.info, self.detail, bridge=bridge, worker=worker, reason=self.end_reason or "error",
                            frames_in=self.frames_in, frames_out=self.frames_out, frames_late=self.frames_late,
-                           frames_lost=self.frames_lost)
+                           frames_lost=self.frames_lost, quality=self.line.summary(self.detail.codec))
 
     # ---- store -------------------------------------------------------------------------------
 

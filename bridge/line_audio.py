@@ -6,10 +6,13 @@ frames), built from bridge/media.
 
 It is the agent's `AudioSink`: the agent plays at whatever rate it produces (16 kHz for
 echo, the decoder's 22.05/24 kHz for the model) and one resampler per source rate brings it
-to the line rate. Event loop only (the playout buffer is single-threaded by design).
+to the line rate. A recorded call's `tap` hears each frame `next_frame` sends, resampled
+to 16 kHz (agent/recording.py). Event loop only (the playout buffer is single-threaded by design).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +31,8 @@ class LineAudio:
         self._framer = Framer(AGENT_RATE)
         self._outbound: dict[int, Resampler] = {}
         self.playout = PlayoutBuffer(line_rate, max_ms=max_playout_ms)
+        self._tap: Callable[[np.ndarray], None] | None = None
+        self._tap_resampler: Resampler | None = None
 
     # ---- inbound (caller -> agent) -----------------------------------------------------
 
@@ -51,6 +56,15 @@ class LineAudio:
     def depth_ms(self) -> float:
         return self.playout.depth_ms
 
+    def tap(self, listener: Callable[[np.ndarray], None]) -> None:
+        """Hand `listener` each frame `next_frame` sends from now on, at 16 kHz: 320 samples
+        at every line rate (8, 16, 24, 48 kHz: whole samples per 20 ms)."""
+        self._tap = listener
+        self._tap_resampler = Resampler(self.line_rate, AGENT_RATE)
+
     def next_frame(self) -> np.ndarray:
         """Exactly one 20 ms frame at the line rate (silence when nothing is queued)."""
-        return self.playout.pop_frame()
+        frame = self.playout.pop_frame()
+        if self._tap is not None:
+            self._tap(self._tap_resampler.process(frame))  # type: ignore[union-attr]
+        return frame

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "HostPort", "Option", "choice", "redis_url", "existing_path", "positive_int", "seconds",
-           "json_entries", "ip_address", "redacted_repr", "http_url"]
+           "json_entries", "ip_address", "redacted_repr", "http_url", "yes_no"]
 
 ENV_PREFIX = "DUPLEXLINE_"
 
@@ -58,6 +58,15 @@ def positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError("expected a whole number >= 1")
     return int(text)
+
+
+def yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected yes or no")
 
 
 def seconds(text: str) -> float:
@@ -136,6 +145,7 @@ class Option:
     section: str = ""  # "" = Settings itself; "sip", "webrtc": the leg's own dataclass
     field: str = ""  # the dataclass field; default: name
     repeat: bool = False  # the flag may be given again; `parse` returns a tuple, which add up
+    alone: str | None = None  # what the flag means without a value (`--record`: "yes"); None: it needs one
 
     @property
     def flag(self) -> str:

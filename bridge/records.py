@@ -1,5 +1,6 @@
 """Building the call records' parts from Settings: the CDR file and Redis stream, the
-webhooks (docs/cdr.md, docs/webhooks.md). The `CallManager` starts and closes them."""
+webhooks, the recorder (docs/cdr.md, docs/webhooks.md, docs/recording.md). The
+`CallManager` starts and closes them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from agent.call_records import CallRecords, RecordSink
 from agent.cdr_file import CdrFile
 from agent.cdr_redis import CdrStream
 from agent.record_metrics import RecordMetrics
+from agent.recorder import Recorder
 from agent.webhooks import Webhooks
 
 from .settings import Settings
@@ -35,4 +37,7 @@ def build_records(settings: Settings, registry: CollectorRegistry | None) -> Cal
     hooks = None
     if r.webhooks or settings.sip.routes is not None:
         hooks = Webhooks(r.webhooks, metrics, secret=r.secret, retry_seconds=r.retry_seconds, backoff=r.backoff)
-    return CallRecords(tuple(sinks), hooks)
+    recorder = None
+    if r.record_dir is not None:
+        recorder = Recorder(r.record_dir, metrics, record_all=r.record, retention_days=r.record_retention_days)
+    return CallRecords(tuple(sinks), hooks, recorder)

@@ -72,7 +72,7 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
     agent = await asyncio.get_running_loop().run_in_executor(None, build_agent, settings, registry, metrics,
                                                              bridge_id)
     manager = CallManager(agent, create_store(settings.redis), metrics, bridge_id=bridge_id,
-                          records=build_records(settings, registry))
+                          records=build_records(settings, registry), dead_air_seconds=settings.dead_air_seconds)
     await manager.start()
     drained = asyncio.Event()
 

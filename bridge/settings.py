@@ -49,6 +49,7 @@ class Settings:
     drain_timeout: float = 60.0
     event_loop: str = "uvloop"
     media_timeout: float = 30.0  # 0: off
+    dead_air_seconds: float = 10.0  # 0: off (agent/quality.py)
     engine: str = "local"  # local | redis | HOST:PORT[,HOST:PORT...] (docs/worker.md)
     model_id: str | None = None
     voice: str | None = None  # the decoder's voice for calls whose route names none
@@ -74,12 +75,19 @@ class Settings:
             _check_media_timeout(self.media_timeout)
         except ValueError as exc:
             raise ConfigError("media_timeout", self.media_timeout, str(exc)) from None
+        try:
+            _check_media_timeout(self.dead_air_seconds)
+        except ValueError as exc:
+            raise ConfigError("dead_air_seconds", self.dead_air_seconds, str(exc)) from None
         if self.engine == "redis" and not self.redis:
             raise ConfigError("engine", self.engine, "needs --redis URL: the registry workers publish themselves in")
         if self.engine != "local" and self.agent != "omniflatten":
             raise ConfigError("engine", self.engine, f"the {self.agent} agent runs no model: use --engine local")
         if self.sip_listen == self.http_listen:
             raise ConfigError("http_listen", str(self.http_listen), "same address as --sip-listen")
+        if self.sip.tls_listen in (self.sip_listen, self.http_listen):
+            raise ConfigError("sip_tls_listen", str(self.sip.tls_listen), "same address as --sip-listen or "
+                              "--http-listen (TLS needs its own TCP port, usually 5061)")
 
     @property
     def worker_urls(self) -> list[str]:
@@ -163,6 +171,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "NAME"),
     Option("media_timeout", _media_timeout, "hang up a call (reason media-timeout) when no caller audio has "
            "arrived for this long; calls on hold are spared (default 30; 0: off)", "SECONDS"),
+    Option("dead_air_seconds", _media_timeout, "record a dead-air event (and count it, once per stretch) when "
+           "no caller audio has been heard for this long; calls on hold are spared (default 10; 0: off)",
+           "SECONDS"),
 )
 OPTIONS: tuple[Option, ...] = CORE_OPTIONS + SIP_OPTIONS + WEBRTC_OPTIONS + WORKER_OPTIONS + RECORD_OPTIONS
 SECTIONS = {"sip": SipSettings, "webrtc": WebRtcSettings, "worker": WorkerSettings, "records": RecordSettings}
@@ -176,8 +187,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if opt.section == "worker":
             continue
         # Raw strings: parsing happens in settings_from so flags and variables share it.
+        alone = {"nargs": "?", "const": opt.alone} if opt.alone is not None else {}
         parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, default=None,
-                            action="append" if opt.repeat else "store", help=f"{opt.help}; env {opt.env}")
+                            action="append" if opt.repeat else "store", help=f"{opt.help}; env {opt.env}", **alone)
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,13 @@
 The file is JSON, a list or {"accounts": [...]}; each account:
 
     {"name": "office", "user": "1000", "domain": "pbx.example.com", "password": "secret",
-     "registrar": "10.0.0.5:5060", "auth_user": "1000", "interval": 600, "transport": "udp"}
+     "registrar": "10.0.0.5:5060", "auth_user": "1000", "interval": 600, "transport": "udp",
+     "srtp": "off"}
+
+`transport` is udp, tcp or tls (the stack verifies the far end's certificate and name:
+bridge/sip_tls.py). `srtp` (bridge/sip_srtp.py): `required` (the account's calls are SRTP
+or fail), `optional` (offer SDES keys, take plain RTP too) or `off` (the default). SDES keys
+over udp or tcp travel in clear: allowed (some trunks demand SRTP anyway), with a warning.
 
 `register: false` makes a trunk: no REGISTER, the far end knows us by address; such an
 account still places outbound calls (`duplexline dial`, POST /calls). The first account is
@@ -26,6 +32,7 @@ from .errors import ConfigError
 from .options import json_entries
 from .sip_adapter import AccountSpec, RegisterFailed, StackAccount
 from .sip_metrics import SipMetrics
+from .sip_srtp import ACCOUNT_MEDIAENC, parse_policy
 
 __all__ = ["AccountEntry", "load_accounts", "Registration"]
 
@@ -65,14 +72,19 @@ def load_accounts(path: Path, codecs: tuple[str, ...]) -> list[AccountEntry]:
             raise ConfigError("sip_accounts", str(path), f"{where}: name {name!r} is used twice")
         names.add(name)
         try:
+            srtp = parse_policy(item.get("srtp", "off"))
             spec = AccountSpec(user=item["user"], domain=item["domain"], password=str(item.get("password", "")),
                                registrar=item.get("registrar"), auth_user=item.get("auth_user"),
                                reg_interval=interval if register else 0,
-                               transport=str(item.get("transport", "udp")), codecs=codecs)
+                               transport=str(item.get("transport", "udp")), codecs=codecs,
+                               mediaenc=ACCOUNT_MEDIAENC[srtp])
         except (TypeError, ValueError) as exc:
             raise ConfigError("sip_accounts", str(path), f"{where}: {exc}") from None
-        if spec.transport not in ("udp", "tcp"):
-            raise ConfigError("sip_accounts", str(path), f"{where}: transport must be udp or tcp")
+        if spec.transport not in ("udp", "tcp", "tls"):
+            raise ConfigError("sip_accounts", str(path), f"{where}: transport must be udp, tcp or tls")
+        if srtp != "off" and spec.transport != "tls":
+            log.warning("account %s: srtp %s over %s: the SDES keys travel in clear SIP; use transport tls",
+                        name, srtp, spec.transport)
         out.append(AccountEntry(name, spec, register))
     return out
 

@@ -151,6 +151,14 @@ class RtpStats:
     jbuf_lost: int = 0
     rx_jitter_ms: float = 0.0
     mos: float = 0.0
+    rtt_ms: float = 0.0  # 0 until an RTCP round trip was measured
+    jbuf_jitter_ms: int = 0
+
+
+def _rtp_stats(s: "baresip.CallStats") -> RtpStats:
+    # jbuf_* are None from a native build without jitter-buffer statistics: 0 here
+    return RtpStats(s.rx_packets, s.rx_lost, s.jbuf_late or 0, s.jbuf_lost or 0, s.rx_jitter_ms, s.mos_estimate,
+                    s.rtt_ms, s.jbuf_jitter_ms or 0)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,7 @@ class AccountSpec:
     transport: str = "udp"
     codecs: tuple[str, ...] = ("pcmu", "pcma", "g722", "opus")
     catch_all: bool = False
+    mediaenc: str | None = None  # the stack's media encryption: "srtp" (best effort), "srtp-mand"
 
     def __repr__(self) -> str:
         return (f"AccountSpec(user={self.user!r}, domain={self.domain!r}, password={'***' if self.password else ''!r}, "
@@ -183,13 +192,13 @@ class Stack:
         self._closing = Once()
 
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
-                    log_level: str = "warning") -> None:
+                    log_level: str = "warning", tls_config: str = "") -> None:
+        """`tls_config`: the stack's TLS lines (bridge/sip_tls.py `stack_tls_config`)."""
         extra = (f"sip_listen {host}:{port}\n"
                  f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}\n"
-                 f"{_JITTER}")
+                 f"{_JITTER}{tls_config}")
         config = Config(net_interface=host, max_concurrent_calls=max_calls,
-                        expose_headers=("X-Duplexline-Route", "X-Duplexline-Called", "X-Duplexline-Source",
-                                        "X-Duplexline-Transport"),
+                        expose_headers=("X-Duplexline-Route", "X-Duplexline-Called", "X-Duplexline-Source"),
                         native_log_level=log_level, extra_config_text=extra)
         runtime = Runtime(native_log_level=log_level)
         try:
@@ -211,7 +220,8 @@ class Stack:
 
     async def add_account(self, spec: AccountSpec) -> "StackAccount":
         assert self._runtime is not None, "start() first"
-        extra = ("catchall=yes",) if spec.catch_all else ()
+        extra = (("catchall=yes",) if spec.catch_all else ()) + (
+            (f"mediaenc={spec.mediaenc}",) if spec.mediaenc else ())
         try:
             account = Account(spec.user, spec.domain, spec.password, registrar=spec.registrar,
                               reg_interval=spec.reg_interval, transport=spec.transport,  # type: ignore[arg-type]
@@ -314,6 +324,11 @@ class StackCall:
     def on_event(self, listener: Callable[[CallEvent], None]) -> None:
         self._listeners.append(listener)
 
+    def on_rtcp(self, listener: Callable[[RtpStats], None]) -> None:
+        """`listener(stats)` each time the far end's RTCP report arrives (every few seconds;
+        an event on the loop: nothing is polled)."""
+        self._call.on_rtcp(lambda stats: listener(_rtp_stats(stats)))
+
     def _emit(self, event: CallEvent) -> None:
         for listener in list(self._listeners):
             try:
@@ -328,8 +343,7 @@ class StackCall:
         elif kind is Event.CALL_CLOSED:
             final = self._call.final_stats
             if final is not None:
-                self.stats = RtpStats(final.rx_packets, final.rx_lost, final.jbuf_late, final.jbuf_lost,
-                                      final.rx_jitter_ms, final.mos_estimate)
+                self.stats = _rtp_stats(final)
             self._emit(CallEvent(CallEventKind.CLOSED, event.text or ""))
         elif kind is Event.CALL_HOLD:
             self._emit(CallEvent(CallEventKind.REMOTE_HOLD))

@@ -39,16 +39,18 @@ import asyncio
 import collections
 import enum
 import logging
+from typing import Callable
 
 import numpy as np
 
 from agent.call import FRAME_SAMPLES
 from agent.once import BackgroundTasks
+from agent.quality import LineStats
 from agent.session import FRAME_SECONDS, CallSession
 
 from .line_audio import LineAudio
-from .sip_adapter import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, StackCall,
-                          StackError)
+from .sip_adapter import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, RtpStats,
+                          StackCall, StackError)
 from .sip_metrics import SipMetrics
 
 __all__ = ["SipCall", "SipCallState", "LineSink"]
@@ -74,10 +76,27 @@ class SipCallState(enum.Enum):
 
 
 class LineSink:
-    """The agent's AudioSink for a call whose line rate is learnt when media starts."""
+    """The agent's AudioSink for a call whose line rate is learnt when media starts (and
+    may change at a re-INVITE: a recording's tap moves to each new line)."""
 
     def __init__(self) -> None:
-        self.line: LineAudio | None = None
+        self._line: LineAudio | None = None
+        self._tap: Callable[[np.ndarray], None] | None = None
+
+    @property
+    def line(self) -> LineAudio | None:
+        return self._line
+
+    @line.setter
+    def line(self, line: LineAudio | None) -> None:
+        self._line = line
+        if line is not None and self._tap is not None:
+            line.tap(self._tap)
+
+    def tap(self, listener: Callable[[np.ndarray], None]) -> None:
+        self._tap = listener
+        if self._line is not None:
+            self._line.tap(listener)
 
     def play(self, pcm: np.ndarray, rate: int) -> None:
         if self.line is not None:
@@ -125,6 +144,8 @@ class SipCall:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._bg = BackgroundTasks()
         stack.on_event(self._on_event)
+        self._far_rtcp = False  # the far end sends RTCP reports (not every phone does)
+        stack.on_rtcp(self._rtcp)
 
     # ---- session wiring --------------------------------------------------------------------
 
@@ -209,6 +230,14 @@ class SipCall:
         elif kind is CallEventKind.AUDIO_WARNING:
             self.metrics.audio_warnings.labels(direction=event.text).inc()
 
+    def _rtcp(self, stats: RtpStats) -> None:
+        self._far_rtcp = True
+        self._line(stats)
+
+    def _line(self, stats: RtpStats) -> None:
+        if self.session is not None:
+            self.session.line.update(_line_stats(stats, self._far_rtcp))
+
     async def _hold(self, on: bool) -> None:
         if self.state not in (SipCallState.ACTIVE, SipCallState.HELD):
             return
@@ -235,8 +264,9 @@ class SipCall:
         stats = self.stack.stats
         if stats is not None:
             self.metrics.rtp_received.inc(stats.rx_packets)
-            self.metrics.rtp_lost.inc(max(0, stats.rx_lost))
+            self.metrics.rtp_lost.inc(_line_stats(stats, self._far_rtcp).lost)
             self.metrics.rtp_late.inc(stats.jbuf_late)
+            self._line(stats)  # the final figures, before the session sums them up
         if not self.closed.done():
             self.closed.set_result(reason)
         log.info("SIP call %s %s ended: %s%s", self.call_id, self.direction, reason,
@@ -346,7 +376,11 @@ class SipCall:
         if due - self._fed > _MAX_BEHIND:  # a stall of the whole process: skip, don't burst
             self._fed = due - 1
         while self._fed < due:
-            session.feed(self._inq.popleft() if self._inq else _SILENCE)
+            if self._inq:
+                session.feed(self._inq.popleft())
+            else:
+                session.line.concealed += 1
+                session.feed(_SILENCE)
             self._fed += 1
             # A concealed frame leaves the real one queued behind: 20 ms more delay for
             # the rest of the call. So when the queue never ran dry for a whole window,
@@ -370,6 +404,19 @@ class SipCall:
             self._sent += 1  # we run fast: write one frame less
         elif queued == 0:
             self._sent -= 1  # we run slow: write one frame more
+
+
+def _line_stats(stats: RtpStats, far_rtcp: bool) -> LineStats:
+    """The caller's stream in our terms. The stack computes its RTCP figures (RFC 3550 loss
+    and jitter over the whole stream, RTT) only when the far end's RTCP report arrives:
+    they stay 0 for a far end that sends none (Debian's baresip 1.0 does not). Then the
+    jitter buffer's own counts stand in: its sequence gaps are the lost packets, except
+    that the RFC 4733 DTMF packets the far end sends instead of audio count as gaps too
+    (docs/quality.md). RFC 3550's cumulative loss is negative when duplicates outnumber
+    losses: 0 then."""
+    if far_rtcp:
+        return LineStats(stats.rx_packets, max(0, stats.rx_lost), stats.rx_jitter_ms, stats.rtt_ms or None)
+    return LineStats(stats.rx_packets, stats.jbuf_lost, float(stats.jbuf_jitter_ms), None)
 
 
 def _final_status(reason: str, text: str) -> int | None:

@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import Option, existing_path, ip_address, positive_int, redacted_repr, seconds
+from .options import HostPort, Option, existing_path, ip_address, positive_int, redacted_repr, seconds, yes_no
 
 __all__ = ["SipSettings", "SIP_OPTIONS", "CODECS", "parse_codecs", "parse_port_range", "parse_auth",
            "parse_networks", "parse_rate"]
@@ -72,15 +72,6 @@ def parse_rate(text: str) -> float:
     return value
 
 
-def _yes_no(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "yes", "true", "on"):
-        return True
-    if value in ("0", "no", "false", "off"):
-        return False
-    raise ValueError("expected yes or no")
-
-
 @dataclass(frozen=True)
 class SipSettings:
     """The SIP leg's part of Settings. Defaults suit one bridge process on loopback."""
@@ -100,6 +91,10 @@ class SipSettings:
     max_calls: int = 255  # baresip's own ceiling per process
     shared_listen: bool = False  # SO_REUSEPORT: several processes behind one SIP address
     ring_timeout: float = 30.0  # outbound: how long a dialled call may ring
+    tls_listen: HostPort | None = None  # the front door's TLS address (bridge/sip_tls.py)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # what the stack verifies TLS peers against; None: the system's
 
     def __post_init__(self) -> None:
         lo, hi = self.rtp_ports
@@ -122,6 +117,10 @@ class SipSettings:
             raise ValueError(f"ring_timeout: {self.ring_timeout!r} must be > 0 seconds")
         if self.auth is not None and (not self.auth[0] or not self.auth[1]):
             raise ValueError("auth: expected USER:PASSWORD")
+        if self.tls_listen is not None and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("tls_listen: --sip-tls-listen needs --sip-tls-cert FILE and --sip-tls-key FILE")
+        if self.tls_listen is None and (self.tls_cert is not None or self.tls_key is not None):
+            raise ValueError("tls_cert/tls_key: set --sip-tls-listen HOST:PORT too (where TLS callers connect)")
 
     def __repr__(self) -> str:
         return redacted_repr(self, ("auth",))
@@ -162,8 +161,17 @@ SIP_OPTIONS: tuple[Option, ...] = (
            "closed (default 60; half a message is given 10)", "SECONDS", section="sip", field="tcp_idle_timeout"),
     Option("sip_max_calls", _max_calls, "most SIP calls this process holds (default and most: 255)",
            "N", section="sip", field="max_calls"),
-    Option("sip_shared_listen", _yes_no, "let several bridge processes on this machine share one SIP "
+    Option("sip_shared_listen", yes_no, "let several bridge processes on this machine share one SIP "
            "address; new calls go to the least-loaded (default no)", "yes|no", section="sip", field="shared_listen"),
     Option("sip_ring_timeout", seconds, "outbound calls: seconds to ring before giving up "
            "(default 30)", "SECONDS", section="sip", field="ring_timeout"),
+    Option("sip_tls_listen", HostPort.parse, "SIP over TLS: the front door's TLS address (default: "
+           "none; needs --sip-tls-cert and --sip-tls-key)", "HOST:PORT", section="sip", field="tls_listen"),
+    Option("sip_tls_cert", existing_path, "PEM certificate (chain) the TLS front door presents",
+           "FILE", section="sip", field="tls_cert"),
+    Option("sip_tls_key", existing_path, "PEM private key of --sip-tls-cert", "FILE", section="sip",
+           field="tls_key"),
+    Option("sip_tls_ca", existing_path, "PEM CA certificates the SIP stack verifies TLS peers against "
+           "(registrars, trunks, callers it sends in-dialog requests to; default: the system's CAs)",
+           "FILE", section="sip", field="tls_ca"),
 )

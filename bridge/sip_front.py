@@ -1,21 +1,24 @@
 """The SIP front door: a small stateless proxy (RFC 3261 §16.11) on the public SIP address,
-UDP and TCP, in front of this process's SIP stack (baresip, on a private loopback port).
+UDP and TCP (and TLS on its own port, `tls_listen`: bridge/sip_tls.py), in front of this
+process's SIP stack (baresip, on a private loopback port).
 
 Why it exists: the stack can only refuse a call with 486, while a phone network needs
 403, 404, 401 and 503 with Retry-After; and one stack holds at most 255 calls, while a
 machine should take more. So every new INVITE meets the front first:
 
     allowlist (403) -> per-source rate limit (503 + Retry-After) -> digest auth (401/403)
-    -> route lookup by the called user (404) -> draining, and no sibling process to take
+    -> route lookup by the called user (404) -> the route's SRTP policy against the SDP
+    offer (488, bridge/sip_srtp.py) -> draining, and no sibling process to take
     the call (503 + Retry-After)
     -> forwarded to the stack, Request-URI rewritten to its one catch-all user, with
        X-Duplexline-Route / X-Duplexline-Called headers (any the caller sent are removed)
 
 The stack answers the forwarded INVITE after the agent admitted the call (200), or 486
 when it could not. Responses come back through the front (its Via is on top) and go to the
-caller along the next Via (received/rport honoured; TCP callers get them on their own
-connection). The stack's Contact is its own address, so in-dialog requests (ACK for 200,
-BYE, re-INVITE, INFO) go straight to the stack and never touch the front. OPTIONS is
+caller along the next Via (received/rport honoured; TCP and TLS callers get them on their
+own connection). The stack's Contact is its own address, so in-dialog requests (ACK for
+200, BYE, re-INVITE, INFO) go straight to the stack and never touch the front, over UDP
+even for TLS callers (docs/sip.md, "TLS and SRTP"). OPTIONS is
 answered here: 200, or 503 + Retry-After while draining, so that a SIP load balancer's
 health probe (Kamailio's dispatcher, docs/kamailio.md) stops sending this process calls.
 
@@ -39,6 +42,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,17 +52,17 @@ from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
 from .sip_message import SipMessage, SipParseError, addr_uri, header_param, parse, sdp_codec, split_frames, uri_user
 from .sip_metrics import SipMetrics
 from .sip_routes import RouteTable
+from .sip_srtp import answer_suite, offer_refusal, strip_crypto
 from .sip_validate import check_request
 
-__all__ = ["SipFront", "Refusal", "ROUTE_HEADER", "CALLED_HEADER", "SOURCE_HEADER", "TRANSPORT_HEADER"]
+__all__ = ["SipFront", "Refusal", "ROUTE_HEADER", "CALLED_HEADER", "SOURCE_HEADER"]
 
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "X-Duplexline-Route"
 CALLED_HEADER = "X-Duplexline-Called"
 SOURCE_HEADER = "X-Duplexline-Source"
-TRANSPORT_HEADER = "X-Duplexline-Transport"  # udp or tcp: how the caller reached the front, for CDRs
-_OUR_HEADERS = (ROUTE_HEADER.lower(), CALLED_HEADER.lower(), SOURCE_HEADER.lower(), TRANSPORT_HEADER.lower())
+_OUR_HEADERS = (ROUTE_HEADER.lower(), CALLED_HEADER.lower(), SOURCE_HEADER.lower())
 _CODECS_KEPT = 1024  # answered calls' codecs awaiting their ACK
 _BRANCH_PREFIX = "z9hG4bKdl"
 _LOCAL_TTL = 32.0  # Timer H/J: how long our own final answers are remembered
@@ -102,6 +106,7 @@ class _Conn:
     source: str
     last_data: float
     partial_since: float | None = None  # when the buffer last went from empty to non-empty
+    tls: bool = False
 
 
 class SipFront:
@@ -110,8 +115,11 @@ class SipFront:
                  draining: Callable[[], bool], shared_listen: bool = False, route_key: str = "",
                  choose: Callable[[], tuple[str, int]] | None = None, pending: PendingInvites | None = None,
                  tcp_max_connections: int = 1024, tcp_idle_timeout: float = 60.0,
-                 on_refused: Callable[[Refusal], None] | None = None) -> None:
+                 on_refused: Callable[[Refusal], None] | None = None,
+                 tls_listen: tuple[str, int] | None = None, tls_context: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.tls_listen = tls_listen if tls_context is not None else None
+        self.tls_context = tls_context
         self.on_refused = on_refused
         self.port = port
         self.upstream = upstream
@@ -128,6 +136,7 @@ class SipFront:
         self._up: asyncio.DatagramTransport | None = None
         self._up_addr: tuple[str, int] = ("", 0)
         self._tcp: asyncio.AbstractServer | None = None
+        self._tls: asyncio.AbstractServer | None = None
         self.pending = pending if pending is not None else PendingInvites(per_source=16, total=64)
         self.tcp_max_connections = tcp_max_connections
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -171,11 +180,21 @@ class SipFront:
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen for SIP on {self.host}:{self.port}/tcp: "
                               f"{exc.strerror}") from exc
+            if self.tls_listen is not None:
+                host, port = self.tls_listen
+                try:
+                    # The handshake has the half-message budget: a stalled one pins a socket too.
+                    self._tls = await loop.create_server(lambda: _Stream(self, tls=True), host, port,
+                                                         ssl=self.tls_context, reuse_port=self.shared_listen or None,
+                                                         ssl_handshake_timeout=_TCP_PARTIAL_TIMEOUT)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen for SIP on {host}:{port}/tls: {exc.strerror}") from exc
             self._sweeper = loop.create_task(self._sweep_connections(), name="sip-front-tcp-sweeper")
         except BaseException:
             await self.close()
             raise
-        log.info("SIP front on %s:%d (udp, tcp) -> stack at %s:%d", self.host, self.port, *self.upstream)
+        tls = f", tls on {self.tls_listen[0]}:{self.tls_listen[1]}" if self.tls_listen else ""
+        log.info("SIP front on %s:%d (udp, tcp%s) -> stack at %s:%d", self.host, self.port, tls, *self.upstream)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -186,12 +205,14 @@ class SipFront:
             if t is not None:
                 t.close()
         self._udp = self._up = None
-        if self._tcp is not None:
-            self._tcp.close()
-            for conn in list(self._conns.values()):
-                conn.transport.close()
-            await self._tcp.wait_closed()
-            self._tcp = None
+        servers = [s for s in (self._tcp, self._tls) if s is not None]
+        for server in servers:
+            server.close()
+        for conn in list(self._conns.values()):
+            conn.transport.close()
+        for server in servers:
+            await server.wait_closed()
+        self._tcp = self._tls = None
 
     # ---- downstream (callers) --------------------------------------------------------------
 
@@ -285,13 +306,23 @@ class SipFront:
             return
         called = uri_user(msg.uri) or uri_user(msg.get("To") or "")
         route = self.routes.lookup(called)
-        wire = "udp" if conn is None else "tcp"
+        wire = self._wire(conn)
         if route is None:
             m.labels(outcome="404").inc()
             log.info("INVITE for %r from %s: no route, 404", called, host)
             self._reply(msg, key, conn, 404, "Not Found")
             self._refused(msg, called, wire, 404, "no-route", None)
             return
+        refusal = offer_refusal(route.srtp, msg.body, wire)
+        if refusal is not None:
+            m.labels(outcome="488").inc()
+            log.info("INVITE for %r from %s over %s: %s (route %s, srtp %s), 488", called, host, wire, refusal,
+                     route.name, route.srtp)
+            self._reply(msg, key, conn, 488, f"Not Acceptable Here ({refusal})")
+            self._refused(msg, called, wire, 488, refusal, route.name)
+            return
+        if route.srtp == "off":
+            msg.body = strip_crypto(msg.body)
         full = self.pending.full(host)
         if full is not None:
             m.labels(outcome="pending_limit").inc()
@@ -309,10 +340,11 @@ class SipFront:
             self._refused(msg, called, wire, 503, "draining", route.name)
             return
         msg.headers = [(n, v) for n, v in msg.headers if n.lower() not in _OUR_HEADERS]
-        msg.headers.append((ROUTE_HEADER, f"{route.name};k={self.route_key}"))
+        # The wire (udp, tcp, tls: for the call's record) rides in the route header: a
+        # fourth exposed header broke the stack's dial-out (connection reset on every call).
+        msg.headers.append((ROUTE_HEADER, f"{route.name};k={self.route_key};w={wire}"))
         msg.headers.append((CALLED_HEADER, called or "-"))
         msg.headers.append((SOURCE_HEADER, host))
-        msg.headers.append((TRANSPORT_HEADER, wire))
         self._pending[_our_branch(key)] = _Pending(time.monotonic(), upstream)
         self.pending.add(msg.call_id, host)
         self._expire()
@@ -404,9 +436,12 @@ class SipFront:
         if not branch.startswith(_BRANCH_PREFIX) or not msg.top_via():
             return
         if msg.cseq_method == "INVITE" and msg.status >= 200:
-            self._count_final(branch, msg.status)
+            first = self._count_final(branch, msg.status)
             if msg.status < 300:
                 self.pending.answered(msg.call_id)
+                suite = answer_suite(msg.body) if first and msg.body else None
+                if suite is not None:  # once per call: the record that its media is encrypted
+                    log.info("call %s: SRTP negotiated (%s)", msg.call_id, suite)
                 codec = sdp_codec(msg.body) if msg.body else None
                 if codec is not None:
                     self._codecs[msg.call_id] = codec
@@ -417,10 +452,11 @@ class SipFront:
         dlc = header_param(ours, "dlc")  # the caller's TCP connection, when it came over TCP
         self._send_down(msg.encode(), msg, int(dlc) if dlc is not None and dlc.isdigit() else None)
 
-    def _count_final(self, branch: str, status: int) -> None:
+    def _count_final(self, branch: str, status: int) -> bool:
+        """Count an INVITE's final answer once; True the first time."""
         pending = self._pending.get(branch)
         if pending is None or pending.counted:
-            return
+            return False
         pending.counted = True
         m = self.metrics
         if 200 <= status < 300:
@@ -432,6 +468,7 @@ class SipFront:
             m.invites.labels(outcome="cancelled").inc()
         else:
             m.invites.labels(outcome="failed").inc()
+        return True
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -477,7 +514,14 @@ class SipFront:
 
     # ---- TCP connections -------------------------------------------------------------------
 
-    def _add_conn(self, transport: asyncio.Transport, source: str) -> int | None:
+    def _wire(self, conn: int | None) -> str:
+        """How the caller reached us, for records and the SRTP policy: udp, tcp or tls."""
+        if conn is None:
+            return "udp"
+        entry = self._conns.get(conn)
+        return "tls" if entry is not None and entry.tls else "tcp"
+
+    def _add_conn(self, transport: asyncio.Transport, source: str, tls: bool = False) -> int | None:
         """A connection id, or None when the source or the process holds too many."""
         held = self._conns_by_source.get(source, 0)
         reason = ("tcp_source" if held >= _TCP_PER_SOURCE
@@ -488,7 +532,7 @@ class SipFront:
             return None
         conn = self._next_conn
         self._next_conn += 1
-        self._conns[conn] = _Conn(transport, source, time.monotonic())
+        self._conns[conn] = _Conn(transport, source, time.monotonic(), tls=tls)
         self._conns_by_source[source] = held + 1
         return conn
 
@@ -589,10 +633,12 @@ class _Datagram(asyncio.DatagramProtocol):
 
 
 class _Stream(asyncio.Protocol):
-    """One caller's TCP connection: frames by Content-Length, answers on the same connection."""
+    """One caller's TCP or TLS connection: frames by Content-Length, answers on the same
+    connection. Over TLS asyncio calls `connection_made` once the handshake is done."""
 
-    def __init__(self, front: SipFront) -> None:
+    def __init__(self, front: SipFront, tls: bool = False) -> None:
         self._front = front
+        self._tls = tls
         self._buf = bytearray()
         self._conn = 0
         self._peer: tuple[str, int] = ("", 0)
@@ -604,7 +650,7 @@ class _Stream(asyncio.Protocol):
         if not self._front.allow.allows(self._peer[0]):
             transport.close()  # not even a 403 over TCP: no connection for strangers
             return
-        conn = self._front._add_conn(self._transport, self._peer[0])
+        conn = self._front._add_conn(self._transport, self._peer[0], self._tls)
         if conn is None:
             transport.close()
             return

@@ -37,12 +37,13 @@ from .sip_accounts import AccountEntry, Registration, load_accounts
 from .sip_adapter import (INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, Stack,
                           StackAccount, StackCall, StackError)
 from .sip_call import LineSink, SipCall, SipCallState
-from .sip_front import CALLED_HEADER, ROUTE_HEADER, TRANSPORT_HEADER, Refusal, SipFront
+from .sip_front import CALLED_HEADER, ROUTE_HEADER, Refusal, SipFront
 from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
 from .sip_media import MediaTicker
 from .sip_metrics import SipMetrics
 from .sip_routes import Route, RouteTable
 from .sip_siblings import Siblings
+from .sip_tls import server_context, stack_tls_config
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -100,8 +101,12 @@ class SipLeg:
         SIP port is taken, StackError when the stack cannot start. A failed start unwinds."""
         listen = self.settings.sip_listen
         if self.sip.routes is not None:
-            self.routes = RouteTable.load(self.sip.routes, self.settings.agent, self.manager.agent.check_route_settings)
+            self.routes = RouteTable.load(self.sip.routes, self.settings.agent, self.manager.agent.check_route_settings,
+                                          can_record=self.settings.records.record_dir is not None)
         entries = load_accounts(self.sip.accounts, self.sip.codecs) if self.sip.accounts else []
+        tls = self.sip.tls_listen
+        tls_context = server_context(self.sip.tls_cert, self.sip.tls_key) if tls is not None else None
+        tls_config = stack_tls_config(self.sip.tls_ca)
         stack_host = self.sip.public_address or listen.host
         if stack_host in ("0.0.0.0", "::"):
             raise ConfigError("sip_public_address", None, "required when --sip-listen is a wildcard "
@@ -110,9 +115,12 @@ class SipLeg:
             port = _free_port(stack_host)
             await self.stack.start(host=stack_host, port=port, rtp_ports=self.sip.rtp_ports,
                                    max_calls=self.sip.max_calls,
-                                   log_level="info" if self.settings.log_level == "DEBUG" else "error")
+                                   log_level="info" if self.settings.log_level == "DEBUG" else "error",
+                                   tls_config=tls_config)
+            # SRTP best effort for every inbound call; each route's policy is the front's (sip_srtp.py).
             self._inbound = await self.stack.add_account(AccountSpec(
-                INBOUND_USER, f"{stack_host}:{port}", reg_interval=0, codecs=self.sip.codecs, catch_all=True))
+                INBOUND_USER, f"{stack_host}:{port}", reg_interval=0, codecs=self.sip.codecs, catch_all=True,
+                mediaenc="srtp"))
             self._inbound.on_incoming(self._on_front_call)
             for entry in entries:
                 account = await self.stack.add_account(entry.spec)
@@ -136,14 +144,17 @@ class SipLeg:
                                   choose=self.siblings.pick if self.siblings is not None else None,
                                   pending=PendingInvites(self.sip.max_pending_per_source, self.sip.max_pending),
                                   tcp_max_connections=self.sip.tcp_max_connections,
-                                  tcp_idle_timeout=self.sip.tcp_idle_timeout, on_refused=self._front_refused)
+                                  tcp_idle_timeout=self.sip.tcp_idle_timeout, on_refused=self._front_refused,
+                                  tls_listen=(tls.host, tls.port) if tls is not None else None,
+                                  tls_context=tls_context)
             await self.front.start()
             self.ticker.start()
         except BaseException:
             await self._close()
             raise
-        log.info("SIP leg up: sip:%s (udp, tcp), codecs %s, %d routes, %d accounts", listen,
-                 ",".join(self.sip.codecs), len(self.routes.routes), len(entries))
+        log.info("SIP leg up: sip:%s (udp, tcp)%s, codecs %s, %d routes, %d accounts", listen,
+                 f", sips:{tls} (tls)" if tls is not None else "", ",".join(self.sip.codecs),
+                 len(self.routes.routes), len(entries))
 
     def drain(self) -> None:
         """From now on new INVITEs get 503 with Retry-After; live calls go on."""
@@ -188,16 +199,17 @@ class SipLeg:
 
     def _on_front_call(self, stack_call: StackCall) -> None:
         headers = stack_call.headers
-        route_name, _, key = headers.get(ROUTE_HEADER.lower(), "").partition(";k=")
+        route_name, _, rest = headers.get(ROUTE_HEADER.lower(), "").partition(";k=")
+        key, _, wire = rest.partition(";w=")
         route = self.routes.by_name(route_name) if key == self._key else None
         if route is None:
             log.warning("refusing a call from %s that did not come through the SIP front", stack_call.peer)
             self._bg.spawn(stack_call.reject())
             return
         called = headers.get(CALLED_HEADER.lower(), "")
-        wire = headers.get(TRANSPORT_HEADER.lower(), "udp")
         self._settle_when_up(stack_call)
-        self._admit_and_answer(stack_call, local=called, route=route, wire=wire if wire in ("udp", "tcp") else "udp")
+        self._admit_and_answer(stack_call, local=called, route=route,
+                               wire=wire if wire in ("udp", "tcp", "tls") else "udp")
 
     def _settle_when_up(self, stack_call: StackCall) -> None:
         """The front counts a forwarded INVITE as pending until the call is established
@@ -252,7 +264,7 @@ class SipLeg:
 
     async def _answer(self, call: SipCall, route: Route, wire: str) -> None:
         info = CallInfo(call.call_id, Transport.SIP, remote=call.stack.peer, local=call.local, settings=route.settings,
-                        wire=wire, webhooks=route.webhooks)
+                        wire=wire, webhooks=route.webhooks, record=route.record)
         try:
             session = await self.manager.admit(info, call.sink)
         except CallRefused as exc:

@@ -5,7 +5,7 @@ The routes file is JSON:
     {"routes": [
         {"match": "bot", "agent": "echo"},
         {"match": "+4930*", "agent": "omniflatten", "name": "berlin", "settings": {"voice": "anna"},
-         "webhooks": ["https://crm.example.com/hooks/berlin"]},
+         "webhooks": ["https://crm.example.com/hooks/berlin"], "record": true},
         {"match": "*", "agent": "echo"}
     ]}
 
@@ -17,7 +17,10 @@ route naming another agent is a configuration error at start, not a surprise mid
 `settings` go to the agent with each call of the route; the agent checks them at start
 (omniflatten takes `voice`: a voice of its decoder), and refuses anything it does not take.
 `webhooks` (http/https URLs) get the route's call events besides the `--webhook` URLs
-(docs/webhooks.md); a URL that does not parse stops the start.
+(docs/webhooks.md); a URL that does not parse stops the start. `record: true` records the
+route's calls (docs/recording.md); it needs `--record-dir`, or the start stops.
+`srtp`: `required`, `optional` (the default) or `off`: what the route demands of the
+caller's media encryption (bridge/sip_srtp.py; docs/sip.md, "TLS and SRTP").
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 from .options import http_url, json_entries
+from .sip_srtp import parse_policy
 
 __all__ = ["Route", "RouteTable"]
 
-_KEYS = frozenset({"match", "agent", "name", "settings", "webhooks"})
+_KEYS = frozenset({"match", "agent", "name", "settings", "webhooks", "record", "srtp"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class Route:
     name: str
     settings: dict = field(default_factory=dict, hash=False, compare=False)
     webhooks: tuple[str, ...] = ()
+    record: bool = False
+    srtp: str = "optional"  # required | optional | off (bridge/sip_srtp.py)
 
 
 class RouteTable:
@@ -55,10 +61,11 @@ class RouteTable:
         return cls([Route("*", agent, "default")])
 
     @classmethod
-    def load(cls, path: Path, served_agent: str,
-             check: Callable[[Mapping[str, Any]], None] | None = None) -> "RouteTable":
+    def load(cls, path: Path, served_agent: str, check: Callable[[Mapping[str, Any]], None] | None = None,
+             *, can_record: bool = False) -> "RouteTable":
         """Raises ConfigError naming the file and the entry that is wrong. `check`: the
-        served agent's check of a route's settings (ValueError saying what is wrong)."""
+        served agent's check of a route's settings (ValueError saying what is wrong).
+        `can_record`: a recording folder is set, so routes may ask for recordings."""
         items = json_entries("sip_routes", path, "routes", '{"routes": [{"match": ..., "agent": ...}]}')
         routes: list[Route] = []
         seen: set[str] = set()
@@ -87,8 +94,17 @@ class RouteTable:
                     check(settings)
                 except ValueError as exc:
                     raise ConfigError("sip_routes", str(path), f"{where}: settings: {exc}") from None
+            record = item.get("record", False)
+            if not isinstance(record, bool):
+                raise ConfigError("sip_routes", str(path), f"{where}: 'record' must be true or false")
+            if record and not can_record:
+                raise ConfigError("sip_routes", str(path), f"{where}: 'record' needs --record-dir DIR")
+            try:
+                srtp = parse_policy(item.get("srtp", "optional"))
+            except ValueError as exc:
+                raise ConfigError("sip_routes", str(path), f"{where}: {exc}") from None
             routes.append(Route(match, agent, str(item.get("name") or match), settings,
-                                _webhooks(item.get("webhooks", []), path, where)))
+                                _webhooks(item.get("webhooks", []), path, where), record, srtp))
         return cls(routes)
 
     def lookup(self, user: str) -> Route | None:

@@ -127,6 +127,7 @@ class WebRtcCall:
                 self._heard = (self.peer.stats.frames_in, time.monotonic())
                 self._timer = asyncio.get_running_loop().call_later(self._media_period, self._check_media)
             self._metrics.connect.observe(time.monotonic() - self.created)
+            self.session.line.set_source(self.peer.line_stats)  # polled once a second (agent/quality.py)
             self._bg.spawn(self.session.answered())
             log.info("call %s: connected in %.0f ms", self.call_id, (time.monotonic() - self.created) * 1000)
         elif state == "channel-open":
@@ -190,14 +191,27 @@ class WebRtcCall:
 
     # ---- the end ----------------------------------------------------------------------
 
+    async def _last_stats(self) -> None:
+        """The line's figures once more while the peer is open: the call's record has them."""
+        try:
+            stats = await self.peer.line_stats()
+        except Exception:
+            log.debug("call %s: final line stats failed", self.call_id, exc_info=True)
+            return
+        if stats is not None:
+            self.session.line.update(stats)
+
     async def end(self, reason: str) -> None:
         await self._ending.run(lambda: self._end(reason))
 
     async def _end(self, reason: str) -> None:
+        connected = self.phase is CallPhase.CONNECTED
         self.end_reason = reason
         self.phase = CallPhase.ENDED
         if self._timer is not None:
             self._timer.cancel()
+        if connected:
+            await self._last_stats()
         try:
             await self.peer.close()
         finally:

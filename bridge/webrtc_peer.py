@@ -51,6 +51,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from agent.once import Once
+from agent.quality import LineStats
 
 from .media.opus import OpusDecoder, OpusEncoder
 from .webrtc_config import IceServer
@@ -346,6 +347,19 @@ class WebRtcPeer:
         if self._public_address:
             sdp = announce_public_address(sdp, self._public_address)
         return sdp
+
+    async def line_stats(self) -> LineStats | None:
+        """The browser's stream as aiortc received it (getStats: no I/O, a few objects;
+        the call polls it once a second, never per packet); None before any packet."""
+        report = await self._pc.getStats()
+        inbound = next((s for s in report.values() if s.type == "inbound-rtp"), None)
+        if inbound is None:
+            return None
+        remote = next((s for s in report.values() if s.type == "remote-inbound-rtp"), None)
+        rtt = getattr(remote, "roundTripTime", None)
+        # aiortc reports jitter in RTP clock units (Opus: 48 kHz), not the seconds W3C names
+        return LineStats(inbound.packetsReceived, max(0, inbound.packetsLost), 1000.0 * inbound.jitter / LINE_RATE,
+                         None if rtt is None else 1000.0 * rtt)
 
     def send(self, text: str) -> bool:
         """Send on the data channel; False (nothing sent) while it is not open."""

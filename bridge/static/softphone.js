@@ -14,7 +14,7 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const KEEP_SECONDS = 20;
-  const STATS_MS = 2000; // the network RTT from the browser's own getStats: costs the server nothing
+  const STATS_MS = 1000; // RTT and loss from the browser's own getStats: costs the server nothing
   const DISCONNECT_GRACE_MS = 5000;
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
   const options = new URLSearchParams(location.search);
@@ -31,7 +31,7 @@
 
   const phone = {
     state: "idle", callId: null, error: null, events: [], transcript: "", latencyMs: null, firstAudioMs: null,
-    rttMs: null, turn: null, levels: [-100, -100], peaks: [-100, -100], sampleRate: null, keysSent: "",
+    rttMs: null, lossPct: null, turn: null, levels: [-100, -100], peaks: [-100, -100], sampleRate: null, keysSent: "",
     mic: [], remote: [],
   };
   window.softphone = phone;
@@ -121,10 +121,10 @@
     if (pc) return;
     clearError();
     hangingUp = false;
-    phone.events = []; phone.transcript = ""; phone.latencyMs = null; phone.firstAudioMs = null; phone.rttMs = null;
+    phone.events = []; phone.transcript = ""; phone.latencyMs = null; phone.firstAudioMs = null; phone.rttMs = null; phone.lossPct = null;
     phone.mic = []; phone.remote = []; phone.keysSent = ""; phone.keysHeard = ""; phone.peaks = [-100, -100];
     $("transcript").textContent = ""; $("keys-sent").textContent = "";
-    for (const id of ["call-id", "turn", "latency", "first-audio", "rtt", "duration"]) $(id).textContent = "\u2013";
+    for (const id of ["call-id", "turn", "latency", "first-audio", "rtt", "loss", "duration"]) $(id).textContent = "\u2013";
     setState("calling", "Asking for the microphone\u2026");
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
       return fail("insecure", "The microphone needs a secure page: open it over https:// or from localhost.");
@@ -261,10 +261,14 @@
       report.forEach((s) => {
         if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded" && s.currentRoundTripTime !== undefined) {
           phone.rttMs = s.currentRoundTripTime * 1000;
+        } else if (s.type === "inbound-rtp" && s.kind === "audio") {
+          const expected = s.packetsReceived + s.packetsLost; // what the bridge sent us, lost included
+          if (expected > 0) phone.lossPct = 100 * Math.max(0, s.packetsLost) / expected;
         }
       });
     } catch (e) { /* the call is ending */ }
     if (phone.rttMs !== null) $("rtt").textContent = phone.rttMs.toFixed(0) + " ms";
+    if (phone.lossPct !== null) $("loss").textContent = phone.lossPct.toFixed(1) + " %";
   }
 
   function formatDuration(s) {

@@ -36,7 +36,7 @@ from tests.integration.serve_process import ServeProcess, free_port
 
 __all__ = ["BaresipPeer", "require_baresip", "tone_sweep_wav", "read_wav", "tone_runs", "compare_tones",
            "TONES", "sip_request", "wait_sip_ready", "RawPhone", "Responder", "Registrar", "BridgeProcess", "free_sip_port",
-           "metric_value", "eventually"]
+           "metric_value", "eventually", "lag_samples"]
 
 TONES = (400, 700, 1000, 1300, 1600, 1900)  # all inside the telephone band (300-3400 Hz)
 TONE_S, GAP_S = 0.4, 0.1
@@ -166,6 +166,17 @@ def tone_runs(rate: int, x: np.ndarray, tones: tuple[int, ...] = TONES, win_s: f
     return runs
 
 
+def lag_samples(reference: np.ndarray, delayed: np.ndarray, max_lag: int) -> int:
+    """The lag, in samples, at which `delayed` best matches `reference` (delayed[n] is
+    reference[n - lag]), by cross-correlation over |lag| <= max_lag."""
+    a, b = reference.astype(np.float64), delayed.astype(np.float64)
+    n = min(len(a), len(b)) - 2 * max_lag
+    assert n > 0, "signals shorter than the lags searched"
+    middle = b[max_lag:max_lag + n]
+    scores = [float(np.dot(middle, a[max_lag - lag:max_lag - lag + n])) for lag in range(-max_lag, max_lag + 1)]
+    return int(np.argmax(scores)) - max_lag
+
+
 def compare_tones(sent: list[tuple[int, float]], heard: list[tuple[int, float]]) -> list[float]:
     """Delays (s) of each sent tone as heard; fails unless every tone came back, in order."""
     assert [t for t, _ in sent] == list(TONES), f"the sent recording is not the sweep: {sent}"
@@ -185,7 +196,10 @@ class BaresipPeer:
 
     def __init__(self, workdir: Path, *, user: str = "alice", codecs: tuple[str, ...] = ("pcmu",),
                  wav: Path | None = None, password: str | None = None, answer: bool = False,
-                 auth_user: str | None = None, transport: str = "udp") -> None:
+                 auth_user: str | None = None, transport: str = "udp", mediaenc: str | None = None,
+                 certificate: Path | None = None) -> None:
+        """`transport` udp, tcp or tls (its TLS listener, on the SIP port + 1, presents
+        `certificate`: a PEM with the key); `mediaenc` e.g. srtp-mand (its srtp module)."""
         self.binary = require_baresip()
         self.dir = workdir / f"baresip-{user}-{os.getpid()}-{next(_rtp_block)}"
         self.dir.mkdir(parents=True)
@@ -195,6 +209,7 @@ class BaresipPeer:
         self._wav = wav or silence_wav(self.dir / "silence.wav", 8000, 60)
         self._codecs, self._password, self._answer = codecs, password, answer
         self._auth_user, self._transport = auth_user, transport
+        self._mediaenc, self._certificate = mediaenc, certificate
         self._configure()
         (self.dir / "contacts").write_text("")
         self.log_path = self.dir / "baresip.log"
@@ -219,6 +234,10 @@ class BaresipPeer:
             "module sndfile.so", f"snd_path {self.snd}", "module_app account.so", "module_app menu.so",
             "module_app ctrl_tcp.so", f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}", "opus_bitrate 32000",
         ]
+        if self._mediaenc:
+            config.append("module srtp.so")
+        if self._certificate is not None:
+            config.append(f"sip_certificate {self._certificate}")
         (self.dir / "config").write_text("\n".join(config) + "\n")
         params = ["regint=0", f"answermode={'auto' if self._answer else 'manual'}",
                   "audio_codecs=" + ",".join(self._codecs)]
@@ -226,7 +245,10 @@ class BaresipPeer:
             params.append(f"auth_pass={self._password}")
         if self._auth_user is not None:
             params.append(f"auth_user={self._auth_user}")
-        aor = f"sip:{self.user}@127.0.0.1:{self.sip_port}" + (";transport=tcp" if self._transport == "tcp" else "")
+        if self._mediaenc:
+            params.append(f"mediaenc={self._mediaenc}")
+        aor = f"sip:{self.user}@127.0.0.1:{self.sip_port}" + (
+            f";transport={self._transport}" if self._transport != "udp" else "")
         (self.dir / "accounts").write_text(f"<{aor}>;" + ";".join(params) + "\n")
 
     @property
@@ -400,9 +422,9 @@ def _parse_reply(data: bytes) -> SipReply:
 
 def sip_request(port: int, *, method: str = "INVITE", user: str = "bot", sock: socket.socket | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 3.0, call_id: str | None = None,
-                cseq: int = 1) -> SipReply:
+                cseq: int = 1, sdp: str | None = None) -> SipReply:
     """Send one request to 127.0.0.1:`port` and return its first final response (ACKing a
-    non-2xx INVITE answer, as a client must)."""
+    non-2xx INVITE answer, as a client must). `sdp`: an INVITE's offer (default: PCMU, RTP/AVP)."""
     own = sock is None
     if own:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -417,8 +439,9 @@ def sip_request(port: int, *, method: str = "INVITE", user: str = "bot", sock: s
                  "Max-Forwards: 70", f"From: <sip:tester@127.0.0.1:{lport}>;tag={tag}", f"To: <{uri}>",
                  f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", f"Contact: <sip:tester@127.0.0.1:{lport}>"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-               "m=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n") if method == "INVITE" else ""
+        if sdp is None:
+            sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+                   "m=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n") if method == "INVITE" else ""
         if sdp:
             lines.append("Content-Type: application/sdp")
         lines.append(f"Content-Length: {len(sdp)}")

@@ -152,6 +152,10 @@ def test_echo_call_in_chromium(echo_server, browser, capsys):
     page.wait_for("document.getElementById('keys-sent').textContent.endsWith('5#')", 5)
     # stats events and the network round trip fill in
     page.wait_for("softphone.rttMs !== null && document.getElementById('rtt').textContent.endsWith('ms')", 5)
+    page.wait_for("softphone.lossPct !== null && /^\\d+\\.\\d %$/.test(document.getElementById('loss').textContent)", 5)
+    assert page.evaluate("softphone.lossPct") < 1.0  # nothing is lost inside the namespace
+    # the bridge's own view, polled from aiortc's getStats once a second while the call is live
+    _wait_record(echo_server, call_id, lambda r: ((r["quality"] or {}).get("packets") or 0) > 50)
     record = _wait_record(echo_server, call_id, lambda r: [e["data"]["digits"] for e in r["events"]
                                                               if e["kind"] == "dtmf"] == ["5", "#"])
     assert record["state"] == "active" and record["frames_in"] > 0
@@ -160,6 +164,9 @@ def test_echo_call_in_chromium(echo_server, browser, capsys):
     record = _wait_record(echo_server, call_id, lambda r: r["state"] == "ended")
     assert record["end_reason"] == "remote-hangup"
     assert record["frames_in"] >= 200 and record["frames_out"] >= 200
+    quality = record["quality"]  # the summary stored when the call ended
+    assert quality["packets"] >= 200 and quality["packets_lost"] == 0 and quality["mos"] > 4.0, quality
+    assert quality["rtt_ms"] is not None and 0 <= quality["rtt_ms"] < 100, quality  # Chromium's RTCP reports
     assert _live(echo_server) == []
 
 
