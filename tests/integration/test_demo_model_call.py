@@ -63,7 +63,11 @@ def _runs(mask: np.ndarray, min_frames: int) -> list[tuple[float, float]]:
         if nxt - end < 0.3 / FRAME:
             bridged[end:nxt] = True
     edges = np.flatnonzero(np.diff(np.concatenate([[0], bridged.astype(np.int8), [0]])))
-    return [(s * FRAME, e * FRAME) for s, e in zip(edges[0::2], edges[1::2]) if e - s >= min_frames]
+    return [(float(s * FRAME), float(e * FRAME)) for s, e in zip(edges[0::2], edges[1::2]) if e - s >= min_frames]
+
+
+def _fmt(runs: list[tuple[float, float]]) -> str:
+    return ", ".join(f"{s:.2f}-{e:.2f} s" for s, e in runs)
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="no demo model (make demo-model)")
@@ -84,7 +88,7 @@ def test_demo_model_answers_after_the_question_and_yields_to_a_barge_in(workdir)
     (q_start, q_end), (b_start, _) = caller
     assistant_mask = _loud(heard, heard_rate)
     assistant = _runs(assistant_mask, min_frames=10)
-    report = f"caller {caller}, assistant {assistant}"
+    report = f"caller {_fmt(caller)}, assistant {_fmt(assistant)}"
 
     # Not while the caller asks: no run of the assistant's audio inside the question.
     inside = [(s, e) for s, e in assistant if s < q_end - 0.1 and e > q_start + 0.1]
