@@ -83,6 +83,7 @@ EOF
 step "evaluating turn-taking on $HELDOUT held-out dialogues"
 $DL eval turns --model "$OUT.part" --manifest "$WORK/heldout/manifest.jsonl" --out "$WORK/eval"
 cp "$WORK/eval/turns.md" "$WORK/eval/turns.json" "$OUT.part/"
+sed -i "s#$OUT.part#$OUT#" "$OUT.part/turns.md" "$OUT.part/turns.json"  # the name it will have
 rm -rf "$OUT"
 mv "$OUT.part" "$OUT"
 step "done: $OUT ($(du -sh "$OUT" | cut -f1)); serve it with: $DL serve --model $OUT"
