@@ -21,7 +21,8 @@ Invariants, for every backend (tests/integration/test_store_contract.py checks t
 
 Backends: `MemoryStore` (agent/store_memory.py, the embedded default: one process is
 the only bridge) and `RedisStore` (agent/store_redis.py, `--redis redis://...`: shared
-by bridges, survives a Redis restart by rewriting what it holds). `create_store` picks.
+by bridges, survives a Redis restart by rewriting what it holds). `create_store`
+(agent/store_factory.py) picks; this module imports neither backend.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ __all__ = [
     "ENDED_EVENT",
     "UPDATABLE",
     "keep_leases",
-    "create_store",
 ]
 
 log = logging.getLogger(__name__)
@@ -376,14 +376,3 @@ async def keep_leases(store: SessionStore, live_ids: Callable[[], Iterable[str]]
             except StoreUnavailable:
                 pass  # the store logs the outage once; try again next period
         await asyncio.sleep(interval)
-
-
-def create_store(redis_url: str | None, config: StoreConfig | None = None) -> SessionStore:
-    """The Redis store for a URL, else the in-memory one. Not started."""
-    if redis_url:
-        from .store_redis import RedisStore
-
-        return RedisStore(redis_url, config)
-    from .store_memory import MemoryStore
-
-    return MemoryStore(config)

@@ -61,7 +61,8 @@ DIAL_RATE = 25.0  # calls/s: a faster UDP burst of set-ups loses ACKs (measured)
 
 
 async def _client(target: int, calls: int, seconds: float, port: int, rtp: str, out: Path) -> None:
-    from bridge.sip_adapter import AccountSpec, DialFailed, MediaInactive, MediaRestarted, Stack
+    from bridge.sip.backends.baresip import Stack
+    from bridge.sip.stack import AccountSpec, DialFailed, MediaInactive, MediaRestarted
 
     stack = Stack()
     lo, hi = (int(x) for x in rtp.split("-"))

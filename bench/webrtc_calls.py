@@ -20,7 +20,7 @@ so the client spends nothing on encoding) and counts the packets each call gets 
   keeps the rate only by working off a growing backlog has all of them late).
 
 `stock` is aiortc's own media path, the baseline; `fast` is the default (see
-bridge/webrtc_peer.py and docs/webrtc.md). Calls per core = the largest N that holds.
+bridge/webrtc/peer.py and docs/webrtc.md). Calls per core = the largest N that holds.
 One table is printed; ratios against the stock rows of the same run are what to compare
 (the machine is shared and noisy).
 """

@@ -14,7 +14,7 @@ from .process import configure_logging
 from .settings import add_serve_arguments, settings_from
 from .data_prepare import add_prepare_parser
 from .data_synth import add_synth_parser
-from .sip_dial_cli import add_dial_parser
+from .sip.dial_cli import add_dial_parser
 from .worker_cli import add_worker_parser
 
 __all__ = ["main", "build_parser"]

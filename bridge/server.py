@@ -22,14 +22,15 @@ from prometheus_client.core import GaugeMetricFamily
 from agent.calls import CallManager
 from agent.control import add_control_routes
 from agent.metrics import AgentMetrics
-from agent.store import create_store
+from agent.store_factory import create_store
 
-from . import sip_leg, webrtc_leg
 from .compose import build_agent
 from .records import build_records
 from .process import run_until_signalled
 from .settings import Settings
-from .sip_http import add_sip_routes
+from .sip import leg as sip_leg
+from .sip.http import add_sip_routes
+from .webrtc import signaling as webrtc_signaling
 
 __all__ = ["run_server", "serve"]
 
@@ -95,7 +96,7 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: CollectorRegi
     add_sip_routes(app, lambda: sip, settings.admin_token)
     runner = web.AppRunner(app, access_log=None)
     try:
-        webrtc = await webrtc_leg.start(settings, manager, app, registry)
+        webrtc = await webrtc_signaling.start(settings, manager, app, registry)
         if webrtc is not None:
             legs.append(webrtc)
         await runner.setup()

@@ -18,8 +18,8 @@ from .errors import ConfigError
 from .options import (ENV_PREFIX, HostPort, Option, choice, existing_path, positive_int, redacted_repr, redis_url,
                       seconds)
 from .records_config import RECORD_OPTIONS, RecordSettings
-from .sip_config import SIP_OPTIONS, SipSettings
-from .webrtc_config import WEBRTC_OPTIONS, WebRtcSettings
+from .sip.config import SIP_OPTIONS, SipSettings
+from .webrtc.config import WEBRTC_OPTIONS, WebRtcSettings
 from .worker_config import WORKER_OPTIONS, WorkerSettings
 
 __all__ = ["Settings", "OPTIONS", "add_serve_arguments", "add_worker_arguments", "settings_from"]

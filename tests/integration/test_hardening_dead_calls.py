@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bridge.sip_call import ACK_TIMEOUT
+from bridge.sip.call import ACK_TIMEOUT
 from tests.integration.sip_peers import BaresipPeer, BridgeProcess, NeverAcksPhone, RawPhone, eventually
 
 pytestmark = pytest.mark.slow

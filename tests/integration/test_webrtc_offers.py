@@ -212,4 +212,4 @@ def test_page_and_static_files_are_served(server):
                          ("tap-worklet.js", b"registerProcessor")):
         status, _, body = server.http("GET", f"/static/{name}")
         assert status == 200 and marker in body, name
-    assert server.http("GET", "/static/../webrtc_leg.py")[0] in (403, 404)
+    assert server.http("GET", "/static/../webrtc/leg.py")[0] in (403, 404)

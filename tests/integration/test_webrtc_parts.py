@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from bridge.errors import ConfigError
 from bridge.settings import settings_from
-from bridge.webrtc_config import IceServer, WebRtcSettings, parse_ice_servers
-from bridge.webrtc_errors import OfferRejected, PeerFailed
-from bridge.webrtc_sdp import announce_public_address, check_sdp, parse_offer
+from bridge.webrtc.config import IceServer, WebRtcSettings, parse_ice_servers
+from bridge.webrtc.errors import OfferRejected, PeerFailed
+from bridge.webrtc.sdp import announce_public_address, check_sdp, parse_offer
 
 from .test_webrtc_offers import CHROME_OFFER
 
@@ -97,7 +97,7 @@ def test_public_address_adds_a_reflexive_twin_per_host_candidate():
 def test_fast_clock_gives_aiortcs_numbers():
     import aiortc.clock as clock
 
-    from bridge import webrtc_clock
+    from bridge.webrtc import clock as webrtc_clock
 
     rng = random.Random(7)
     epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -129,7 +129,7 @@ class _Packet:
 
 
 def test_newest_wins_drops_late_and_duplicate_packets_across_wraparound():
-    from bridge.webrtc_peer import PeerStats, _NewestWins
+    from bridge.webrtc.peer import PeerStats, _NewestWins
 
     stats = PeerStats()
     jb = _NewestWins(stats)
@@ -147,7 +147,7 @@ def _tone(rate: int, seconds: float, f: float = 1000.0) -> np.ndarray:
 def test_opus_round_trip_keeps_the_tone_and_the_48k_clock():
     from aiortc.jitterbuffer import JitterFrame
 
-    from bridge.webrtc_peer import FAST_RECEIVE_RATE, SEND_RATE, PeerStats, _FastDecoder, _OpusEncoder
+    from bridge.webrtc.peer import FAST_RECEIVE_RATE, SEND_RATE, PeerStats, _FastDecoder, _OpusEncoder
 
     enc = _OpusEncoder()
     pcm = _tone(SEND_RATE, 1.0)
@@ -172,7 +172,7 @@ def test_opus_round_trip_keeps_the_tone_and_the_48k_clock():
 def test_fast_receive_installs_on_a_real_receiver_and_refuses_an_unknown_one():
     from aiortc import RTCPeerConnection
 
-    from bridge.webrtc_peer import PeerStats, _FastDecoder, _install_fast_receive, _NewestWins
+    from bridge.webrtc.peer import PeerStats, _FastDecoder, _install_fast_receive, _NewestWins
 
     async def go():
         pc = RTCPeerConnection()  # no description: no candidates are gathered
@@ -192,7 +192,7 @@ def test_fast_receive_installs_on_a_real_receiver_and_refuses_an_unknown_one():
 def test_paced_track_keeps_the_20ms_clock_and_encodes():
     import av
 
-    from bridge.webrtc_peer import SEND_RATE, PeerStats, _PacedTrack
+    from bridge.webrtc.peer import SEND_RATE, PeerStats, _PacedTrack
 
     pulled = []
 
@@ -216,7 +216,7 @@ def test_paced_track_keeps_the_20ms_clock_and_encodes():
 def test_silence_skips_the_encoder_and_speech_after_it_decodes_cleanly():
     from aiortc.jitterbuffer import JitterFrame
 
-    from bridge.webrtc_peer import FAST_RECEIVE_RATE, SEND_RATE, PeerStats, _FastDecoder, _OpusEncoder
+    from bridge.webrtc.peer import FAST_RECEIVE_RATE, SEND_RATE, PeerStats, _FastDecoder, _OpusEncoder
 
     enc = _OpusEncoder()
     tone = _tone(SEND_RATE, 0.4)

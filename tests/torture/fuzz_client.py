@@ -29,7 +29,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bridge.sip_message import header_param
+from bridge.sip.message import header_param
 
 from .sip_fuzz import Case, SipFuzzer, Target
 

@@ -23,7 +23,7 @@ from agent.store import Transport
 from agent.webhooks import sign
 from bridge.errors import ConfigError
 from bridge.settings import add_serve_arguments, settings_from
-from bridge.sip_routes import RouteTable
+from bridge.sip.routes import RouteTable
 
 
 def _hmac_sha256_by_hand(key: bytes, message: bytes) -> str:

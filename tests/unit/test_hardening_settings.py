@@ -8,7 +8,7 @@ import pytest
 
 from bridge.errors import ConfigError
 from bridge.settings import Settings, add_serve_arguments, settings_from
-from bridge.webrtc_config import WebRtcSettings
+from bridge.webrtc.config import WebRtcSettings
 
 
 def parse(argv, env=None):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.sip_http import MAX_URI_CHARS, sip_uri_problem
+from bridge.sip.http import MAX_URI_CHARS, sip_uri_problem
 
 GOOD = [
     "sip:alice@127.0.0.1:5060", "sips:1000@pbx.example.com", "SIP:bob@Example.COM",

@@ -103,7 +103,7 @@ def test_a_missing_library_is_named_and_the_fast_webrtc_leg_refuses_to_start(mon
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
-    from bridge import webrtc_leg
+    from bridge.webrtc import signaling
     from bridge.errors import BridgeError
     from bridge.media import opus
     from bridge.settings import Settings
@@ -113,4 +113,4 @@ def test_a_missing_library_is_named_and_the_fast_webrtc_leg_refuses_to_start(mon
     with pytest.raises(OpusError, match="libopus not found"):
         OpusDecoder(16000)
     with pytest.raises(BridgeError, match="webrtc-media stock"):
-        asyncio.run(webrtc_leg.start(Settings(), None, web.Application(), CollectorRegistry()))
+        asyncio.run(signaling.start(Settings(), None, web.Application(), CollectorRegistry()))

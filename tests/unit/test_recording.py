@@ -35,7 +35,7 @@ from bridge.errors import ConfigError
 from bridge.line_audio import LineAudio
 from bridge.media import Resampler
 from bridge.settings import add_serve_arguments, settings_from
-from bridge.sip_routes import RouteTable
+from bridge.sip.routes import RouteTable
 
 
 def _frames(path) -> tuple:

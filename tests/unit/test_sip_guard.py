@@ -1,4 +1,4 @@
-"""The front door's checks without a network: request grammar (bridge/sip_validate.py),
+"""The front door's checks without a network: request grammar (bridge/sip/validate.py),
 digest auth against RFC 2617's own worked example, replay and source binding, the failure
 throttle's growing bans, and the pending-INVITE caps."""
 
@@ -8,9 +8,9 @@ import hashlib
 
 import pytest
 
-from bridge.sip_guard import AuthThrottle, DigestAuth, PendingInvites
-from bridge.sip_message import parse
-from bridge.sip_validate import check_request
+from bridge.sip.guard import AuthThrottle, DigestAuth, PendingInvites
+from bridge.sip.message import parse
+from bridge.sip.validate import check_request
 
 _SDP = "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 

@@ -1,4 +1,4 @@
-"""Routes files (bridge/sip_routes.py): a route's settings go through the served agent's
+"""Routes files (bridge/sip/routes.py): a route's settings go through the served agent's
 check at start, so nothing an operator configured is silently ignored."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 
 from agent.agents import EchoAgent
 from bridge.errors import ConfigError
-from bridge.sip_routes import RouteTable
+from bridge.sip.routes import RouteTable
 
 
 def routes(tmp_path, *entries):

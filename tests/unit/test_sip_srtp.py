@@ -1,4 +1,4 @@
-"""The SRTP policy of routes and accounts (bridge/sip_srtp.py): which SDP offers the front
+"""The SRTP policy of routes and accounts (bridge/sip/srtp.py): which SDP offers the front
 door refuses with 488 and why, and what an `off` route strips."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 
 from bridge.errors import ConfigError
-from bridge.sip_routes import RouteTable
-from bridge.sip_srtp import answer_suite, offer_refusal, strip_crypto
+from bridge.sip.routes import RouteTable
+from bridge.sip.srtp import answer_suite, offer_refusal, strip_crypto
 
 HEAD = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
 KEY = "inline:WnD7c1ksDGs+dIefCEo8omPg4uO8DYIinNGL5yxQ"

@@ -1,4 +1,4 @@
-"""The TLS front door's settings and context (bridge/sip_tls.py, bridge/sip_config.py):
+"""The TLS front door's settings and context (bridge/sip/tls.py, bridge/sip/config.py):
 every bad file or combination is an error naming the option, before anything listens."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 from bridge.errors import ConfigError
 from bridge.settings import settings_from
-from bridge.sip_accounts import load_accounts
-from bridge.sip_tls import server_context, stack_tls_config
+from bridge.sip.accounts import load_accounts
+from bridge.sip.tls import server_context, stack_tls_config
 from tests.integration.tls_certs import self_signed
 
 

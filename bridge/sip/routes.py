@@ -20,7 +20,7 @@ route naming another agent is a configuration error at start, not a surprise mid
 (docs/webhooks.md); a URL that does not parse stops the start. `record: true` records the
 route's calls (docs/recording.md); it needs `--record-dir`, or the start stops.
 `srtp`: `required`, `optional` (the default) or `off`: what the route demands of the
-caller's media encryption (bridge/sip_srtp.py; docs/sip.md, "TLS and SRTP").
+caller's media encryption (bridge/sip/srtp.py; docs/sip.md, "TLS and SRTP").
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import ConfigError
-from .options import http_url, json_entries
-from .sip_srtp import parse_policy
+from ..errors import ConfigError
+from ..options import http_url, json_entries
+from .srtp import parse_policy
 
 __all__ = ["Route", "RouteTable"]
 
@@ -46,7 +46,7 @@ class Route:
     settings: dict = field(default_factory=dict, hash=False, compare=False)
     webhooks: tuple[str, ...] = ()
     record: bool = False
-    srtp: str = "optional"  # required | optional | off (bridge/sip_srtp.py)
+    srtp: str = "optional"  # required | optional | off (bridge/sip/srtp.py)
 
 
 class RouteTable:

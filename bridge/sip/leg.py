@@ -8,7 +8,7 @@
 with `drain()` (new INVITEs get 503 + Retry-After from now on), `async close()`
 (idempotent: hangs up what is left, unregisters, stops the stack), `dial()` for outbound
 calls and `describe()` for /readyz details. Its HTTP call-control routes live in
-bridge/sip_http.py.
+bridge/sip/http.py.
 
 Inbound order of events: the front accepts and forwards the INVITE -> the stack reports it
 -> the agent admits a session (or we answer 486) -> 200 OK -> established: the session
@@ -32,25 +32,25 @@ from agent.call import CallInfo, CallRefused
 from agent.once import BackgroundTasks, Once
 from agent.store import Transport
 
-from .errors import BridgeError, ConfigError
-from .sip_accounts import AccountEntry, Registration, load_accounts
-from .sip_adapter import (INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, Stack,
-                          StackAccount, StackCall, StackError)
-from .sip_call import LineSink, SipCall, SipCallState
-from .sip_front import CALLED_HEADER, ROUTE_HEADER, Refusal, SipFront
-from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
-from .sip_media import MediaTicker
-from .sip_metrics import SipMetrics
-from .sip_routes import Route, RouteTable
-from .sip_siblings import Siblings
-from .sip_tls import server_context, stack_tls_config
+from ..errors import BridgeError, ConfigError
+from .accounts import AccountEntry, Registration, load_accounts
+from .backends.baresip import Stack, StackAccount, StackCall
+from .call import LineSink, SipCall, SipCallState
+from .front import CALLED_HEADER, ROUTE_HEADER, Refusal, SipFront
+from .guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
+from .media import MediaTicker
+from .metrics import SipMetrics
+from .routes import Route, RouteTable
+from .siblings import Siblings
+from .stack import INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, StackError
+from .tls import server_context, stack_tls_config
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from agent.calls import CallManager
 
-    from .settings import Settings
+    from ..settings import Settings
 
 __all__ = ["start", "SipLeg", "DialRefused"]
 
@@ -117,7 +117,7 @@ class SipLeg:
                                    max_calls=self.sip.max_calls,
                                    log_level="info" if self.settings.log_level == "DEBUG" else "error",
                                    tls_config=tls_config)
-            # SRTP best effort for every inbound call; each route's policy is the front's (sip_srtp.py).
+            # SRTP best effort for every inbound call; each route's policy is the front's (sip/srtp.py).
             self._inbound = await self.stack.add_account(AccountSpec(
                 INBOUND_USER, f"{stack_host}:{port}", reg_interval=0, codecs=self.sip.codecs, catch_all=True,
                 mediaenc="srtp"))

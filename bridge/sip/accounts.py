@@ -7,7 +7,7 @@ The file is JSON, a list or {"accounts": [...]}; each account:
      "srtp": "off"}
 
 `transport` is udp, tcp or tls (the stack verifies the far end's certificate and name:
-bridge/sip_tls.py). `srtp` (bridge/sip_srtp.py): `required` (the account's calls are SRTP
+bridge/sip/tls.py). `srtp` (bridge/sip/srtp.py): `required` (the account's calls are SRTP
 or fail), `optional` (offer SDES keys, take plain RTP too) or `off` (the default). SDES keys
 over udp or tcp travel in clear: allowed (some trunks demand SRTP anyway), with a warning.
 
@@ -28,11 +28,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
-from .options import json_entries
-from .sip_adapter import AccountSpec, RegisterFailed, StackAccount
-from .sip_metrics import SipMetrics
-from .sip_srtp import ACCOUNT_MEDIAENC, parse_policy
+from ..errors import ConfigError
+from ..options import json_entries
+from .backends.baresip import StackAccount
+from .metrics import SipMetrics
+from .srtp import ACCOUNT_MEDIAENC, parse_policy
+from .stack import AccountSpec, RegisterFailed
 
 __all__ = ["AccountEntry", "load_accounts", "Registration"]
 

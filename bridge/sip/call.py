@@ -1,4 +1,4 @@
-"""`SipCall`: one SIP call between the stack (bridge/sip_adapter.py) and the agent's
+"""`SipCall`: one SIP call between the stack (bridge/sip/backends/baresip.py) and the agent's
 `CallSession`, in either direction.
 
 States move on stack events only:
@@ -16,7 +16,7 @@ concealment or silence; measured with PCMU and Opus, by a far end that never sen
 one stopped mid-call), so an empty read is the signal. A HELD call is spared (a held far
 end rightly sends nothing) and its clock restarts on resume.
 
-Media: the shared ticker (bridge/sip_media.py) calls `media_tick(now)` every 10 ms. It reads
+Media: the shared ticker (bridge/sip/media.py) calls `media_tick(now)` every 10 ms. It reads
 what the stack received (PCM at the codec's rate; Opus is 48 kHz stereo, folded to mono),
 turns it into 16 kHz frames (`LineAudio.receive`) and hands them to the session on the
 call's own 20 ms grid, one frame behind the first arrival (see `_feed`: the stack's
@@ -48,10 +48,10 @@ from agent.once import BackgroundTasks
 from agent.quality import LineStats
 from agent.session import FRAME_SECONDS, CallSession
 
-from .line_audio import LineAudio
-from .sip_adapter import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, RtpStats,
-                          StackCall, StackError)
-from .sip_metrics import SipMetrics
+from ..line_audio import LineAudio
+from .backends.baresip import StackCall
+from .metrics import SipMetrics
+from .stack import AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, RtpStats, StackError
 
 __all__ = ["SipCall", "SipCallState", "LineSink"]
 

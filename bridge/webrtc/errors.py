@@ -8,7 +8,7 @@ connection, no session, no store record): the caller may fix the offer and try a
 
 from __future__ import annotations
 
-from .errors import BridgeError
+from ..errors import BridgeError
 
 __all__ = ["WebRtcError", "OfferRejected", "PeerFailed"]
 

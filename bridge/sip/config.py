@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import HostPort, Option, existing_path, ip_address, positive_int, redacted_repr, seconds, yes_no
+from ..options import HostPort, Option, existing_path, ip_address, positive_int, redacted_repr, seconds, yes_no
 
 __all__ = ["SipSettings", "SIP_OPTIONS", "CODECS", "parse_codecs", "parse_port_range", "parse_auth",
            "parse_networks", "parse_rate"]
@@ -91,7 +91,7 @@ class SipSettings:
     max_calls: int = 255  # baresip's own ceiling per process
     shared_listen: bool = False  # SO_REUSEPORT: several processes behind one SIP address
     ring_timeout: float = 30.0  # outbound: how long a dialled call may ring
-    tls_listen: HostPort | None = None  # the front door's TLS address (bridge/sip_tls.py)
+    tls_listen: HostPort | None = None  # the front door's TLS address (bridge/sip/tls.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # what the stack verifies TLS peers against; None: the system's

@@ -71,7 +71,7 @@ def run_dial(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bridge.sip_dial_cli URI ...`: the same command outside `duplexline`."""
+    """`python -m bridge.sip.dial_cli URI ...`: the same command outside `duplexline`."""
     parser = argparse.ArgumentParser(prog="duplexline")
     add_dial_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["dial", *(sys.argv[1:] if argv is None else argv)])

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Protocol
 
-from .sip_metrics import SipMetrics
+from .metrics import SipMetrics
 
 __all__ = ["MediaTicker"]
 

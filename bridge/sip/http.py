@@ -30,12 +30,12 @@ from aiohttp import web
 
 from agent.control import json_error, require_admin
 
-from .sip_adapter import DialBusy, DialDeclined, DialFailed, DialNoAnswer, StackError, TransferRefused
-from .sip_leg import DialRefused
+from .leg import DialRefused
+from .stack import DialBusy, DialDeclined, DialFailed, DialNoAnswer, StackError, TransferRefused
 
 if TYPE_CHECKING:
-    from .sip_call import SipCall
-    from .sip_leg import SipLeg
+    from .call import SipCall
+    from .leg import SipLeg
 
 __all__ = ["add_sip_routes", "sip_uri_problem", "MAX_URI_CHARS"]
 

@@ -53,10 +53,10 @@ from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from agent.once import Once
 from agent.quality import LineStats
 
-from .media.opus import OpusDecoder, OpusEncoder
-from .webrtc_config import IceServer
-from .webrtc_errors import PeerFailed
-from .webrtc_sdp import announce_public_address
+from ..media.opus import OpusDecoder, OpusEncoder
+from .config import IceServer
+from .errors import PeerFailed
+from .sdp import announce_public_address
 
 __all__ = ["WebRtcPeer", "PeerStats", "LINE_RATE", "FAST_RECEIVE_RATE", "SEND_RATE", "FRAME_SAMPLES",
            "aiortc_version"]

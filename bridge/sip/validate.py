@@ -17,7 +17,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .sip_message import MAX_MESSAGE, SipMessage, header_param
+from .message import MAX_MESSAGE, SipMessage, header_param
 
 __all__ = ["Malformed", "check_request", "REASONS", "MAX_MESSAGE", "MAX_URI", "MAX_CALL_ID",
            "MAX_HEADERS", "MAX_HEADER", "MAX_VIAS", "MAX_BODY", "ascii_int", "valid_host"]

@@ -37,11 +37,11 @@ import numpy as np
 from agent.once import BackgroundTasks, Once
 from agent.session import CallSession
 
-from .line_audio import LineAudio
-from .webrtc_metrics import WebRtcMetrics, end_reason_label
+from ..line_audio import LineAudio
+from .metrics import WebRtcMetrics, end_reason_label
 
 if TYPE_CHECKING:  # the peer module imports aiortc; the leg loads it only when it starts
-    from .webrtc_peer import WebRtcPeer
+    from .peer import WebRtcPeer
 
 __all__ = ["WebRtcCall", "CallPhase", "MAX_MESSAGE_CHARS"]
 

@@ -1,5 +1,5 @@
 """The SIP front door: a small stateless proxy (RFC 3261 §16.11) on the public SIP address,
-UDP and TCP (and TLS on its own port, `tls_listen`: bridge/sip_tls.py), in front of this
+UDP and TCP (and TLS on its own port, `tls_listen`: bridge/sip/tls.py), in front of this
 process's SIP stack (baresip, on a private loopback port).
 
 Why it exists: the stack can only refuse a call with 486, while a phone network needs
@@ -8,7 +8,7 @@ machine should take more. So every new INVITE meets the front first:
 
     allowlist (403) -> per-source rate limit (503 + Retry-After) -> digest auth (401/403)
     -> route lookup by the called user (404) -> the route's SRTP policy against the SDP
-    offer (488, bridge/sip_srtp.py) -> draining, and no sibling process to take
+    offer (488, bridge/sip/srtp.py) -> draining, and no sibling process to take
     the call (503 + Retry-After)
     -> forwarded to the stack, Request-URI rewritten to its one catch-all user, with
        X-Duplexline-Route / X-Duplexline-Called headers (any the caller sent are removed)
@@ -30,7 +30,7 @@ Invariants:
   gets the same answer again (and is not counted twice), its ACK is absorbed;
 - several bridge processes can listen on one address (`shared_listen`, SO_REUSEPORT): the
   kernel spreads callers over them by source address and port, and each new INVITE goes to
-  the least-loaded process's stack (`choose`, bridge/sip_siblings.py); each process
+  the least-loaded process's stack (`choose`, bridge/sip/siblings.py); each process
   forwards from its own private socket, so responses come back to the front that sent the
   INVITE, and its CANCEL, retransmissions and non-2xx ACK follow it to the same stack.
 """
@@ -48,12 +48,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, cast
 
-from .sip_guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
-from .sip_message import SipMessage, SipParseError, addr_uri, header_param, parse, sdp_codec, split_frames, uri_user
-from .sip_metrics import SipMetrics
-from .sip_routes import RouteTable
-from .sip_srtp import answer_suite, offer_refusal, strip_crypto
-from .sip_validate import check_request
+from .guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
+from .message import SipMessage, SipParseError, addr_uri, header_param, parse, sdp_codec, split_frames, uri_user
+from .metrics import SipMetrics
+from .routes import RouteTable
+from .srtp import answer_suite, offer_refusal, strip_crypto
+from .validate import check_request
 
 __all__ = ["SipFront", "Refusal", "ROUTE_HEADER", "CALLED_HEADER", "SOURCE_HEADER"]
 

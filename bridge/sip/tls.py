@@ -19,7 +19,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["server_context", "stack_tls_config", "SYSTEM_CA_FILE"]
 

@@ -1,4 +1,6 @@
-"""The WebRTC leg's HTTP routes (aiohttp), mounted on the bridge's one HTTP server:
+"""The WebRTC leg's HTTP routes (aiohttp), mounted on the bridge's one HTTP server by
+`start(settings, manager, app, registry) -> WebRtcLeg` (builds the leg, bridge/webrtc/leg.py,
+and adds its routes; before the app runs):
 
     GET    /                    the softphone page (bridge/static/index.html)
     GET    /static/{file}       its script, style sheet and audio worklet
@@ -7,7 +9,7 @@
     DELETE /webrtc/calls/{id}   hang up
 
 Every error is JSON, `{"error": code, "message": text}`, with the status `OfferRejected`
-carries (see bridge/webrtc_sdp.py for the list) plus 401 unauthorized (a token is
+carries (see bridge/webrtc/sdp.py for the list) plus 401 unauthorized (a token is
 configured and the request lacks it), 415 bad-content-type (not application/json: a
 cross-site form cannot post an offer) and 404 for an unknown call. With `--webrtc-token`,
 `/webrtc/config`, the offer and the hang-up want `Authorization: Bearer <token>`; the
@@ -19,22 +21,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from agent.calls import CallManager
 from agent.control import bearer_ok
 
-from .webrtc_config import WebRtcSettings
-from .webrtc_errors import OfferRejected
-from .webrtc_sdp import MAX_BODY_BYTES, parse_offer
+from ..errors import BridgeError
+from .config import WebRtcSettings
+from .errors import OfferRejected
+from .leg import WebRtcLeg
+from .metrics import WebRtcMetrics
+from .sdp import MAX_BODY_BYTES, parse_offer
 
-if TYPE_CHECKING:
-    from .webrtc_leg import WebRtcLeg
-
-__all__ = ["add_signaling_routes", "error_response"]
+__all__ = ["start", "add_signaling_routes", "error_response", "STATIC_DIR"]
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent.parent / "static"  # bridge/static
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -66,7 +71,7 @@ async def _read_body(request: web.Request) -> bytes:
         raise OfferRejected(413, "too-large", f"the offer is over {MAX_BODY_BYTES} bytes") from None
 
 
-def add_signaling_routes(app: web.Application, leg: "WebRtcLeg", settings: WebRtcSettings,
+def add_signaling_routes(app: web.Application, leg: WebRtcLeg, settings: WebRtcSettings,
                          static_dir: Path) -> None:
     metrics = leg.metrics
     index = static_dir / "index.html"
@@ -110,3 +115,31 @@ def add_signaling_routes(app: web.Application, leg: "WebRtcLeg", settings: WebRt
     app.router.add_post("/webrtc/offer", offer)
     app.router.add_delete("/webrtc/calls/{id}", hangup)
     app.router.add_static("/static/", static_dir, show_index=False, follow_symlinks=False)
+
+
+async def start(settings, manager: CallManager, app: web.Application, registry: CollectorRegistry):
+    """Add the routes and return the leg, or None (logged) when aiortc is missing."""
+    try:  # imported here so a bridge without aiortc still runs its SIP leg, and says why
+        from .peer import WebRtcPeer, aiortc_version
+    except ImportError as exc:
+        log.error("webrtc leg off: %s (pip install aiortc==1.16.0)", exc)
+        return None
+    # aioice logs every connectivity check at INFO: traffic, not outcomes (STYLE 11).
+    if logging.getLogger("aioice").level == logging.NOTSET:
+        logging.getLogger("aioice").setLevel(logging.WARNING)
+    codec = "aiortc's"
+    if settings.webrtc.media == "fast":
+        from . import clock as webrtc_clock
+        from ..media.opus import OpusError, libopus_version
+
+        try:  # found now, not at the first offer: a missing library is an error at start
+            codec = libopus_version()
+        except OpusError as exc:
+            raise BridgeError(f"--webrtc-media fast needs libopus: {exc} (or --webrtc-media stock)") from None
+        webrtc_clock.install()  # process-wide; the stock path keeps aiortc as shipped
+    leg = WebRtcLeg(settings.webrtc, manager, WebRtcMetrics(registry), WebRtcPeer, settings.media_timeout)
+    add_signaling_routes(app, leg, settings.webrtc, STATIC_DIR)
+    log.info("webrtc leg up: aiortc %s, media path %s (opus: %s), ICE servers %d, public address %s, "
+             "offer token %s", aiortc_version(), settings.webrtc.media, codec, len(settings.webrtc.ice_servers),
+             settings.webrtc.public_address or "none", "set" if settings.webrtc.token else "none")
+    return leg

@@ -1,6 +1,7 @@
 """The WebRTC leg: browser calls over aiortc, admitted by the same `CallManager` as SIP.
 
-    start(settings, manager, app, registry) -> WebRtcLeg    (routes added; before the app runs)
+    signaling.start(settings, manager, app, registry) -> WebRtcLeg   (builds the leg, adds
+                     its routes; before the app runs: bridge/webrtc/signaling.py)
     POST /webrtc/offer -> WebRtcLeg.open_call: check -> admit -> peer -> answer
     drain()          refuse new offers (503 + Retry-After); live calls go on
     close()          idempotent: end every call ("shutdown") and close its peer connection
@@ -31,30 +32,23 @@ import functools
 import logging
 import math
 import uuid
-from pathlib import Path
-
-from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from agent.call import CallInfo, CallRefused
 from agent.calls import CallManager
 from agent.once import Once
 from agent.store import Transport
 
-from .errors import BridgeError
-from .line_audio import LineAudio
-from .webrtc_call import WebRtcCall
-from .webrtc_config import WebRtcSettings
-from .webrtc_errors import OfferRejected, PeerFailed
-from .webrtc_metrics import WebRtcMetrics
-from .webrtc_sdp import Offer
-from .webrtc_signaling import add_signaling_routes
+from ..line_audio import LineAudio
+from .call import WebRtcCall
+from .config import WebRtcSettings
+from .errors import OfferRejected, PeerFailed
+from .metrics import WebRtcMetrics
+from .sdp import Offer
 
-__all__ = ["WebRtcLeg", "start", "STATIC_DIR"]
+__all__ = ["WebRtcLeg"]
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).with_name("static")
 ANSWER_TIMEOUT = 10.0  # seconds aiortc may take to gather host candidates and answer
 
 
@@ -197,31 +191,3 @@ class WebRtcLeg:
     def _ended(self, call: WebRtcCall) -> None:
         self._settle(call)
         self.calls.pop(call.call_id, None)
-
-
-async def start(settings, manager: CallManager, app: web.Application, registry: CollectorRegistry):
-    """Add the routes and return the leg, or None (logged) when aiortc is missing."""
-    try:  # imported here so a bridge without aiortc still runs its SIP leg, and says why
-        from .webrtc_peer import WebRtcPeer, aiortc_version
-    except ImportError as exc:
-        log.error("webrtc leg off: %s (pip install aiortc==1.16.0)", exc)
-        return None
-    # aioice logs every connectivity check at INFO: traffic, not outcomes (STYLE 11).
-    if logging.getLogger("aioice").level == logging.NOTSET:
-        logging.getLogger("aioice").setLevel(logging.WARNING)
-    codec = "aiortc's"
-    if settings.webrtc.media == "fast":
-        from . import webrtc_clock
-        from .media.opus import OpusError, libopus_version
-
-        try:  # found now, not at the first offer: a missing library is an error at start
-            codec = libopus_version()
-        except OpusError as exc:
-            raise BridgeError(f"--webrtc-media fast needs libopus: {exc} (or --webrtc-media stock)") from None
-        webrtc_clock.install()  # process-wide; the stock path keeps aiortc as shipped
-    leg = WebRtcLeg(settings.webrtc, manager, WebRtcMetrics(registry), WebRtcPeer, settings.media_timeout)
-    add_signaling_routes(app, leg, settings.webrtc, STATIC_DIR)
-    log.info("webrtc leg up: aiortc %s, media path %s (opus: %s), ICE servers %d, public address %s, "
-             "offer token %s", aiortc_version(), settings.webrtc.media, codec, len(settings.webrtc.ice_servers),
-             settings.webrtc.public_address or "none", "set" if settings.webrtc.token else "none")
-    return leg

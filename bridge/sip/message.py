@@ -1,4 +1,4 @@
-"""SIP messages as the front door (bridge/sip_front.py) needs them: parse, edit headers,
+"""SIP messages as the front door (bridge/sip/front.py) needs them: parse, edit headers,
 serialize, and build a response to a request (RFC 3261 §7, §8.2.6).
 
 Deliberately small: the front only routes and refuses, so it reads the start line, the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import BridgeError
+from ..errors import BridgeError
 
 __all__ = ["SipParseError", "SipMessage", "parse", "uri_user", "header_param",
            "split_frames", "MAX_MESSAGE"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .sip_guard import AUTH_FAILURES
-from .sip_validate import REASONS as MALFORMED_REASONS
+from .guard import AUTH_FAILURES
+from .validate import REASONS as MALFORMED_REASONS
 
 __all__ = ["SipMetrics", "INVITE_OUTCOMES", "OUTBOUND_OUTCOMES", "REFUSED_REASONS"]
 

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .sip_message import SipMessage
+from .message import SipMessage
 
 __all__ = ["Allowlist", "RateLimiter", "DigestAuth", "AuthResult", "AuthThrottle", "PendingInvites",
            "NONCE_TTL", "AUTH_FAILURES"]

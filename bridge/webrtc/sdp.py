@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .webrtc_errors import OfferRejected
+from .errors import OfferRejected
 
 __all__ = ["Offer", "parse_offer", "check_sdp", "announce_public_address", "MAX_BODY_BYTES", "MAX_SDP_BYTES"]
 

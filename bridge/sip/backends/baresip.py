@@ -1,15 +1,16 @@
-"""The SIP stack adapter: the ONLY module that imports baresip (baresip-python 0.5.2a3).
+"""The baresip backend: the ONLY module that imports baresip (baresip-python 0.5.2a3).
 
-It turns the binding's objects into our own small types at the boundary:
+It implements the SIP stack on baresip and turns the binding's objects into the stack's
+own small types (bridge/sip/stack.py: events, values, errors) at the boundary:
 
     Stack          one baresip Runtime per process (libre is process-global), listening on a
-                   private loopback port behind the front door (bridge/sip_front.py)
+                   private loopback port behind the front door (bridge/sip/front.py)
     StackAccount   one baresip UserAgent: the catch-all inbound identity, or an operator's
                    account (registration, outbound dialling)
     StackCall      one baresip Call, with events translated to `CallEvent` values and audio
                    as PCM bytes at the negotiated codec's rate
-    errors         `StackError` root; `MediaInactive`, `MediaRestarted`; outbound outcomes
-                   `DialBusy`, `DialDeclined`, `DialNoAnswer`, `DialFailed`; `RegisterFailed`
+    errors         the binding's exceptions become bridge/sip/stack.py's (`StackError`,
+                   `MediaInactive`, `MediaRestarted`, `DialFailed` and its outcomes, ...)
 
 Facts about the binding this relies on (checked against its source and on this machine):
 - `Config(max_concurrent_calls=None)`: the binding's default is 2; baresip holds at most
@@ -24,9 +25,7 @@ Facts about the binding this relies on (checked against its source and on this m
 
 from __future__ import annotations
 
-import enum
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import baresip
@@ -34,74 +33,21 @@ from baresip import Account, Config, Event, Runtime, StackEvent, UserAgent
 
 from agent.once import Once
 
-from .errors import BridgeError
+from ..stack import (AccountSpec, AudioFormat, CallEvent, CallEventKind, DialBusy, DialDeclined, DialFailed,
+                     DialNoAnswer, MediaInactive, MediaRestarted, RegisterFailed, RtpStats, StackError,
+                     TransferRefused)
 
-__all__ = ["Stack", "StackAccount", "StackCall", "CallEvent", "CallEventKind", "AudioFormat", "RtpStats",
-           "AccountSpec", "StackError", "MediaInactive", "MediaRestarted", "DialFailed", "DialBusy",
-           "DialDeclined", "DialNoAnswer", "RegisterFailed", "TransferRefused", "STACK_CODECS"]
+__all__ = ["Stack", "StackAccount", "StackCall", "STACK_CODECS"]
 
 log = logging.getLogger(__name__)
 
 # Operator codec names -> the stack's codec specs (a bare name means 8 kHz to the stack).
 STACK_CODECS = {"pcmu": "pcmu", "pcma": "pcma", "g722": "g722/16000/1", "opus": "opus/48000/2"}
-INBOUND_USER = "duplexline"
+
 # Receive jitter buffer: every millisecond here is heard as delay before the agent can
 # answer. Measured on loopback: the stack's default (adaptive, from 100 ms) grew and lost
 # audio (echo 160 -> 220 ms with gaps); fixed 20-60 ms gave an 80 ms echo, no gaps.
 _JITTER = "audio_jitter_buffer_type fixed\naudio_jitter_buffer_ms 20-60\n"
-
-
-# ---- errors ------------------------------------------------------------------------------------
-
-
-class StackError(BridgeError):
-    """The SIP stack refused or failed an operation; the call (if any) is unchanged unless
-    the subclass says otherwise."""
-
-
-class MediaInactive(StackError):
-    """The call has no audio (not yet up, or gone): skip this tick."""
-
-
-class MediaRestarted(StackError):
-    """A re-INVITE replaced the call's audio streams: probe the format again."""
-
-
-class DialFailed(StackError):
-    """An outbound call ended without being answered. Nothing is left to clean up."""
-
-    outcome = "failed"
-
-    def __init__(self, message: str, status: int | None = None, reason: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-class DialBusy(DialFailed):
-    outcome = "busy"
-
-
-class DialDeclined(DialFailed):
-    outcome = "declined"
-
-
-class DialNoAnswer(DialFailed):
-    outcome = "no_answer"
-
-
-class RegisterFailed(StackError):
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class TransferRefused(StackError):
-    """The far end did not complete the transfer; the call goes on."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _dial_error(exc: "baresip.CallFailed") -> DialFailed:
@@ -116,69 +62,10 @@ def _dial_error(exc: "baresip.CallFailed") -> DialFailed:
     return DialFailed(str(exc), exc.status, exc.reason)
 
 
-# ---- values ------------------------------------------------------------------------------------
-
-
-class CallEventKind(enum.Enum):
-    ESTABLISHED = "established"
-    CLOSED = "closed"
-    REMOTE_HOLD = "remote-hold"
-    REMOTE_RESUME = "remote-resume"
-    DTMF = "dtmf"
-    AUDIO_WARNING = "audio-warning"
-
-
-@dataclass(frozen=True)
-class CallEvent:
-    kind: CallEventKind
-    text: str = ""  # close reason, digit, warning direction
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    rx_rate: int
-    rx_channels: int
-    tx_rate: int
-    tx_channels: int
-    tx_buffered: int  # bytes queued for transmission
-
-
-@dataclass(frozen=True)
-class RtpStats:
-    rx_packets: int = 0
-    rx_lost: int = 0
-    jbuf_late: int = 0
-    jbuf_lost: int = 0
-    rx_jitter_ms: float = 0.0
-    mos: float = 0.0
-    rtt_ms: float = 0.0  # 0 until an RTCP round trip was measured
-    jbuf_jitter_ms: int = 0
-
-
 def _rtp_stats(s: "baresip.CallStats") -> RtpStats:
     # jbuf_* are None from a native build without jitter-buffer statistics: 0 here
     return RtpStats(s.rx_packets, s.rx_lost, s.jbuf_late or 0, s.jbuf_lost or 0, s.rx_jitter_ms, s.mos_estimate,
                     s.rtt_ms, s.jbuf_jitter_ms or 0)
-
-
-@dataclass(frozen=True)
-class AccountSpec:
-    """One SIP identity. `reg_interval` 0: no REGISTER (a trunk, or the inbound identity)."""
-
-    user: str
-    domain: str
-    password: str = ""
-    registrar: str | None = None
-    auth_user: str | None = None
-    reg_interval: int = 600
-    transport: str = "udp"
-    codecs: tuple[str, ...] = ("pcmu", "pcma", "g722", "opus")
-    catch_all: bool = False
-    mediaenc: str | None = None  # the stack's media encryption: "srtp" (best effort), "srtp-mand"
-
-    def __repr__(self) -> str:
-        return (f"AccountSpec(user={self.user!r}, domain={self.domain!r}, password={'***' if self.password else ''!r}, "
-                f"registrar={self.registrar!r}, reg_interval={self.reg_interval})")
 
 
 # ---- stack -------------------------------------------------------------------------------------
@@ -193,7 +80,7 @@ class Stack:
 
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
                     log_level: str = "warning", tls_config: str = "") -> None:
-        """`tls_config`: the stack's TLS lines (bridge/sip_tls.py `stack_tls_config`)."""
+        """`tls_config`: the stack's TLS lines (bridge/sip/tls.py `stack_tls_config`)."""
         extra = (f"sip_listen {host}:{port}\n"
                  f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}\n"
                  f"{_JITTER}{tls_config}")

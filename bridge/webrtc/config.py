@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .options import Option, choice, ip_address, positive_int, redacted_repr, seconds
+from ..options import Option, choice, ip_address, positive_int, redacted_repr, seconds
 
 __all__ = ["IceServer", "WebRtcSettings", "WEBRTC_OPTIONS", "MEDIA_PATHS", "parse_ice_servers"]
 
