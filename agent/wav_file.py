@@ -40,13 +40,20 @@ class WavWriter:
     def __init__(self, path: Path, rate: int, channels: int) -> None:
         self.path = Path(path)
         self.data_bytes = 0
-        self._file = open(self.path, "xb")
+        # The header goes into a private name first, which is then linked to `path`: the
+        # file appears with its header (a reader never sees zero bytes) and never over an
+        # existing one (link fails with FileExistsError).
+        part = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        self._file = open(part, "xb")
         try:
             self._file.write(_header(rate, channels))
-            self._file.flush()  # a valid (empty) WAV from the start, not a file of zero bytes
+            self._file.flush()
+            os.link(part, self.path)
         except BaseException:
             self._file.close()
             raise
+        finally:
+            os.unlink(part)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append samples (bytes-like, little-endian int16 interleaved). OSError EFBIG when
