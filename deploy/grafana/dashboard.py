@@ -207,6 +207,25 @@ def panels() -> list[tuple[dict, int, int]]:
                        "frames {{reason}}"),
                      q(f"sum(rate(duplexline_engine_dropped_chunks_total{{{SEL}}}[5m]))", "engine chunks")]),
          8, 8),
+        (timeseries("Line quality", "Ended calls' estimated MOS (p10, p50; below 3.6 callers notice) and "
+                    "packet loss (p90, right axis), by transport (docs/quality.md); dead-air stretches "
+                    "per minute.",
+                    quantiles("duplexline_line_mos", by="transport", qs=(0.1, 0.5), prefix="MOS ")
+                    + quantiles("duplexline_line_packet_loss_ratio", by="transport", qs=(0.9,), prefix="loss ")
+                    + [q(f"sum(rate(duplexline_line_dead_air_total{{{SEL}}}[5m])) {per_min}", "dead air/min")],
+                    overrides=[{"matcher": {"id": "byRegexp", "options": "loss.*|dead air.*"},
+                                "properties": [{"id": "custom.axisPlacement", "value": "right"}]}]), 8, 8),
+        (timeseries("Records, webhooks, recordings (per minute)", "Call detail records and webhook "
+                    "deliveries that failed or were dropped (full queue), webhook retries, and recording "
+                    "frames dropped: each means something an operator relies on is missing "
+                    "(docs/cdr.md, docs/webhooks.md, docs/recording.md).",
+                    [q(f"sum by (sink, outcome) (increase(duplexline_cdr_records_total{{{SEL}, "
+                       f"outcome!=\"written\"}}[1m]))", "CDR {{sink}}: {{outcome}}"),
+                     q(f"sum by (outcome) (increase(duplexline_webhook_deliveries_total{{{SEL}, "
+                       f"outcome!=\"delivered\"}}[1m]))", "webhook: {{outcome}}"),
+                     q(f"sum(increase(duplexline_webhook_retries_total{{{SEL}}}[1m]))", "webhook retries"),
+                     q(f"sum(increase(duplexline_recording_frames_dropped_total{{{SEL}}}[1m]))",
+                       "recording frames dropped")]), 8, 8),
 
         (row("Engine: is there room?"), 24, 1),
         (timeseries("Engine step time vs chunk budget", "One batched chunk step (p50, p99) against "

@@ -86,6 +86,12 @@ def test_the_dashboard_shows_what_an_operator_reads_at_a_glance():
                           "Workers lost and calls re-homed (per minute)": "duplexline_agent_rehomes_total"}.items():
         assert title in panels and metric in panels[title], (title, metric)
     assert "duplexline_engine_workers_lost_total" in panels["Workers lost and calls re-homed (per minute)"]
+    # The operators' records: line quality, and what would leave a gap in records or recordings.
+    assert "duplexline_line_mos_bucket" in panels["Line quality"]
+    assert "duplexline_line_packet_loss_ratio_bucket" in panels["Line quality"]
+    for metric in ("duplexline_cdr_records_total", "duplexline_webhook_deliveries_total",
+                   "duplexline_recording_frames_dropped_total"):
+        assert metric in panels["Records, webhooks, recordings (per minute)"], metric
 
 
 def _worker_jobs() -> set[str]:
