@@ -109,8 +109,10 @@ class ServeProcess:
     def wait_ready(self, deadline: float) -> None:
         """More readiness than /healthz, for subclasses that need it (by `deadline`)."""
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path and self.log_path.exists() else ""
+    def log(self, full: bool = False) -> str:
+        """The log's tail (for failure messages), or all of it to search in."""
+        text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return text if full else text[-6000:]
 
     def get(self, path: str) -> tuple[int, dict]:
         return http_json("GET", self.url + path, token=self.token)  # /calls is admin data

@@ -292,8 +292,10 @@ class BaresipPeer:
         self._reader.start()
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+    def log(self, full: bool = False) -> str:
+        """The log's tail (for failure messages), or all of it to search in."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text if full else text[-3000:]
 
     def _read(self) -> None:
         buf = b""

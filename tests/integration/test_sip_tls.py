@@ -63,10 +63,10 @@ def test_tls_srtp_call_echoes_the_sweep(bridge, workdir, certs):
                             timeout=5, what="the TLS call to be active in the store")
         assert record["transport"] == "sip"
         peer.wait_event("CALL_CLOSED", timeout=20)  # it hangs up when its WAV ends
-        caller_log = peer.log()
+        caller_log = peer.log(full=True)
         sent_wav, heard_wav = peer.recordings()
     assert re.search(r"srtp: audio: SRTP is Enabled \(cryptosuite=AES_CM_128_HMAC_SHA1_\d+\)", caller_log), caller_log
-    assert re.search(rf"call {re.escape(call_id)}: SRTP negotiated \(AES_CM_128_HMAC_SHA1_\d+\)", bridge.log())
+    assert re.search(rf"call {re.escape(call_id)}: SRTP negotiated \(AES_CM_128_HMAC_SHA1_\d+\)", bridge.log(full=True))
     delays = compare_tones(tone_runs(*read_wav(sent_wav)), tone_runs(*read_wav(heard_wav)))
     assert all(0.0 < d < 0.4 for d in delays), delays
     cdr = eventually(lambda: next((c for c in _cdrs(workdir) if c.get("call_id") == call_id), None), timeout=10,
@@ -81,7 +81,7 @@ def test_plain_rtp_offer_to_an_srtp_only_route_is_refused_488(bridge, workdir, c
         closed = peer.wait_event("CALL_CLOSED", timeout=10)
     assert "488" in closed.get("param", ""), closed
     assert metric_value(bridge.metrics(), "duplexline_sip_invites_total", 'outcome="488"') == before + 1
-    assert "srtp-required (route secure, srtp required), 488" in bridge.log()
+    assert "srtp-required (route secure, srtp required), 488" in bridge.log(full=True)
     cdr = eventually(lambda: next((c for c in _cdrs(workdir) if c.get("end_detail") == "srtp-required"), None),
                      timeout=10, what="the refused call's CDR")
     assert cdr["sip_code"] == 488 and cdr["end_reason"] == "refused" and cdr["transport"] == "tls", cdr
@@ -125,7 +125,7 @@ def test_an_account_with_transport_tls_dials_out_with_srtp(bridge, workdir, cert
         status, body = _dial_tls(bridge, peer)
         assert status == 201 and body["outcome"] == "answered", body
         peer.wait_event("CALL_CLOSED", timeout=20)  # its WAV ended
-        callee_log = peer.log()
+        callee_log = peer.log(full=True)
         sent_wav, heard_wav = peer.recordings()
     assert "SRTP is Enabled" in callee_log, callee_log
     delays = compare_tones(tone_runs(*read_wav(sent_wav)), tone_runs(*read_wav(heard_wav)))
@@ -137,7 +137,7 @@ def test_an_account_with_transport_tls_refuses_an_untrusted_certificate(bridge, 
     with BaresipPeer(workdir, user="impostor", answer=True, transport="tls", mediaenc="srtp-mand",
                      certificate=stranger.combined) as peer:
         status, body = _dial_tls(bridge, peer)
-        impostor_log = peer.log()
+        impostor_log = peer.log(full=True)
     assert status == 502 and body["outcome"] == "failed", body
     # the stack broke off the handshake: the INVITE (with its SDES keys) never reached the impostor
     assert "tls: accept error" in impostor_log and "answering call" not in impostor_log, impostor_log
