@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AudioError", "read_audio"]
+__all__ = ["AudioError", "read_audio", "read_channel", "read_channels"]
 
 
 class AudioError(ValueError):
@@ -46,3 +46,16 @@ def read_audio(path: str | Path, sample_rate: int = 16000) -> tuple[np.ndarray, 
         g = gcd(rate, sample_rate)
         pcm = resample_poly(pcm, sample_rate // g, rate // g, axis=0).astype(np.float32)
     return np.ascontiguousarray(pcm.T, dtype=np.float32), int(rate)
+
+
+def read_channels(manifest: str | Path, audio: str, sample_rate: int = 16000) -> np.ndarray:
+    """A manifest entry's audio file as (channels, n) (a relative path is relative to the
+    manifest's folder)."""
+    from .manifest import resolve_audio
+
+    return read_audio(resolve_audio(manifest, audio), sample_rate)[0]
+
+
+def read_channel(manifest: str | Path, audio: str, column: int | None, sample_rate: int = 16000) -> np.ndarray:
+    """One channel of it: `column`, or the first when None."""
+    return read_channels(manifest, audio, sample_rate)[column or 0]

@@ -92,12 +92,15 @@ def manifest_signals(manifest: str | Path, limit: int, sample_rate: int = 16000)
     """The audio of a training manifest's first `limit` entries: both channels of a
     dialogue (the caller's codes and the assistant's come from one codebook), a pair's
     one utterance."""
-    from .audio import read_audio
-    from .manifest import DialogueEntry, read_manifest, resolve_audio
+    from .audio import read_channels
+    from .manifest import DialogueEntry, read_manifest
 
     for entry in read_manifest(manifest)[:limit]:
         if not isinstance(entry, DialogueEntry):
-            yield read_audio(resolve_audio(manifest, entry.audio), sample_rate)[0][0]
+            yield read_channels(manifest, entry.audio, sample_rate)[0]
             continue
+        files: dict[str, np.ndarray] = {}  # a stereo file is read once for both channels
         for path, column in ((entry.user_audio, entry.user_channel), (entry.assistant_audio, entry.assistant_channel)):
-            yield read_audio(resolve_audio(manifest, path), sample_rate)[0][column or 0]
+            if path not in files:
+                files[path] = read_channels(manifest, path, sample_rate)
+            yield files[path][column or 0]

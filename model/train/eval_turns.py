@@ -135,11 +135,9 @@ def _printable(s: str) -> str:
 
 
 def _user_channel(manifest: Path, entry: DialogueEntry) -> np.ndarray:
-    from .audio import read_audio
-    from .manifest import resolve_audio
+    from .audio import read_channel
 
-    pcm, _ = read_audio(resolve_audio(manifest, entry.user_audio))
-    return pcm[entry.user_channel if entry.user_channel is not None else 0]
+    return read_channel(manifest, entry.user_audio, entry.user_channel)
 
 
 # ---- scoring ------------------------------------------------------------------------------

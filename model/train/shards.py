@@ -45,7 +45,7 @@ import torch
 
 from ..codec import SpeechTokenizer
 from ..config import OmniFlattenConfig
-from .audio import read_audio
+from .audio import read_audio, read_channels
 from .manifest import DialogueEntry, Entry, PairEntry, read_manifest, resolve_audio
 from .text import ByteTextTokenizer, TextTokenizer
 
@@ -263,7 +263,7 @@ def _shard(manifest: Path, entries: list[Entry], tok: SpeechTokenizer, text_tok:
         files: dict[str, np.ndarray] = {}  # a stereo file is read once for both channels
         for path, column in ((e.user_audio, e.user_channel), (e.assistant_audio, e.assistant_channel)):
             if path not in files:
-                files[path] = read_audio(resolve_audio(manifest, path), tok.sample_rate)[0]
+                files[path] = read_channels(manifest, path, tok.sample_rate)
             if column is None and len(files[path]) != 1:
                 raise ShardError(f"{where}: {path} has {len(files[path])} channels; name the user's and the "
                                  "assistant's in 'channels', or give each its own mono file")
