@@ -79,6 +79,9 @@ def test_draining_bridge_answers_503_with_retry_after_and_keeps_live_calls(workd
         with BaresipPeer(workdir, user="live") as peer:
             peer.dial(f"sip:bot@127.0.0.1:{server.sip_port}")
             call_id = peer.wait_event("CALL_ESTABLISHED", timeout=10)["id"]
+            # The caller sees 200 OK before the bridge sees its ACK: wait for the bridge's view.
+            eventually(lambda: server.get(f"/calls/{call_id}")[1].get("state") == "active", timeout=5,
+                       what="the live call to be active")
             status, body = server.post("/admin/drain")
             assert status == 202 and body["live_calls"] == 1, (status, body, server.log())
             reply = eventually(lambda: (r := sip_request(server.sip_port)).status == 503 and r, timeout=5,
