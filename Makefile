@@ -14,7 +14,9 @@ DEMO_MODEL := $(if $(wildcard models/demo/config.json),--model models/demo)
 run: setup
 	$(VENV)/bin/duplexline serve $(DEMO_MODEL)
 
-test: setup
+# The tests run the SIP end-to-end suite on both SIP stacks: the optional pjsua2 one too.
+test:
+	@EXTRAS=test,pjsua2 bash scripts/setup.sh
 	$(PY) -m pytest
 
 bench: setup

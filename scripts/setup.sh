@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 TORCH_PIN="torch==2.13.0"
 STAMP="$VENV/.setup-stamp"
+EXTRAS="${EXTRAS:-test}"  # make test adds pjsua2 (GPLv2: never installed unasked)
 PKG_LIST=scripts/system-packages.txt
 
-want=$(cat pyproject.toml "$0" "$PKG_LIST" | sha256sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml "$0" "$PKG_LIST"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/duplexline" ]; then
     exit 0
 fi
@@ -40,7 +41,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 # The CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
 $VENV/bin/python -c "import torch" 2>/dev/null || { echo "setup: installing $TORCH_PIN"; $PIP install -q "$TORCH_PIN"; }
-echo "setup: installing duplexline and its test dependencies"
-$PIP install -q -e ".[test]"
+echo "setup: installing duplexline and its extras: $EXTRAS"
+$PIP install -q -e ".[$EXTRAS]"
 echo "$want" > "$STAMP"
 echo "setup: done"

@@ -30,10 +30,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..options import json_entries
-from .backends.baresip import StackAccount
 from .metrics import SipMetrics
 from .srtp import ACCOUNT_MEDIAENC, parse_policy
-from .stack import AccountSpec, RegisterFailed
+from .stack import AccountSpec, RegisterFailed, StackAccount
 
 __all__ = ["AccountEntry", "load_accounts", "Registration"]
 

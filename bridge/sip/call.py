@@ -1,4 +1,4 @@
-"""`SipCall`: one SIP call between the stack (bridge/sip/backends/baresip.py) and the agent's
+"""`SipCall`: one SIP call between the stack (a bridge/sip/backends/ module) and the agent's
 `CallSession`, in either direction.
 
 States move on stack events only:
@@ -49,9 +49,9 @@ from agent.quality import LineStats
 from agent.session import FRAME_SECONDS, CallSession
 
 from ..line_audio import LineAudio
-from .backends.baresip import StackCall
 from .metrics import SipMetrics
-from .stack import AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, RtpStats, StackError
+from .stack import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, RtpStats, StackCall,
+                    StackError)
 
 __all__ = ["SipCall", "SipCallState", "LineSink"]
 

@@ -12,13 +12,14 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends import CODECS as BACKEND_CODECS, MAX_CALLS
 from ..options import HostPort, Option, existing_path, ip_address, positive_int, redacted_repr, seconds, yes_no
 
 __all__ = ["SipSettings", "SIP_OPTIONS", "CODECS", "parse_codecs", "parse_port_range", "parse_auth",
            "parse_networks", "parse_rate"]
 
 # Codec names as the operator writes them, in the default preference order.
-CODECS = ("pcmu", "pcma", "g722", "opus")
+CODECS = BACKEND_CODECS["baresip"]  # every name an operator may write
 
 
 def parse_codecs(text: str) -> tuple[str, ...]:
@@ -78,7 +79,7 @@ class SipSettings:
 
     public_address: str | None = None  # advertised in Via/Contact/SDP; default: the listen address
     rtp_ports: tuple[int, int] = (20000, 29999)
-    codecs: tuple[str, ...] = CODECS
+    codecs: tuple[str, ...] = ()  # empty: every codec the backend has, in CODECS order
     routes: Path | None = None
     accounts: Path | None = None
     auth: tuple[str, str] | None = None  # a secret: __repr__ shows <set>
@@ -88,7 +89,8 @@ class SipSettings:
     max_pending_per_source: int = 16  # ... from one source address
     tcp_max_connections: int = 1024  # SIP TCP connections held open at once
     tcp_idle_timeout: float = 60.0  # seconds a SIP TCP connection may stay silent
-    max_calls: int = 255  # baresip's own ceiling per process
+    backend: str = "baresip"  # the SIP stack (bridge/sip/backends/)
+    max_calls: int = 0  # 0: the backend's own ceiling per process (backends.MAX_CALLS)
     shared_listen: bool = False  # SO_REUSEPORT: several processes behind one SIP address
     ring_timeout: float = 30.0  # outbound: how long a dialled call may ring
     tls_listen: HostPort | None = None  # the front door's TLS address (bridge/sip/tls.py)
@@ -100,8 +102,6 @@ class SipSettings:
         lo, hi = self.rtp_ports
         if not (1024 <= lo < hi <= 65535) or hi - lo < 1:
             raise ValueError(f"rtp_ports: {lo}-{hi} must be a range within 1024-65535, low < high")
-        if not self.codecs or any(c not in CODECS for c in self.codecs):
-            raise ValueError(f"codecs: {self.codecs!r} must name some of {', '.join(CODECS)}")
         if not self.invite_rate > 0:
             raise ValueError(f"invite_rate: {self.invite_rate!r} must be > 0")
         if not 1 <= self.max_pending_per_source <= self.max_pending <= 10_000:
@@ -111,8 +111,18 @@ class SipSettings:
             raise ValueError(f"tcp_max_connections: {self.tcp_max_connections} must be 1..100000")
         if not self.tcp_idle_timeout > 0:
             raise ValueError(f"tcp_idle_timeout: {self.tcp_idle_timeout!r} must be > 0 seconds")
-        if not 1 <= self.max_calls <= 255:
-            raise ValueError(f"max_calls: {self.max_calls} must be 1..255 (baresip's limit per process)")
+        if self.backend not in MAX_CALLS:
+            raise ValueError(f"backend: {self.backend!r} must be one of {', '.join(MAX_CALLS)}")
+        has = BACKEND_CODECS[self.backend]
+        if not self.codecs:
+            object.__setattr__(self, "codecs", has)
+        elif any(c not in has for c in self.codecs):
+            raise ValueError(f"codecs: {self.codecs!r} must name some of {', '.join(has)} (what {self.backend} has)")
+        most = MAX_CALLS[self.backend]
+        if self.max_calls == 0:
+            object.__setattr__(self, "max_calls", most)
+        elif not 1 <= self.max_calls <= most:
+            raise ValueError(f"max_calls: {self.max_calls} must be 1..{most} ({self.backend}'s limit per process)")
         if not self.ring_timeout > 0:
             raise ValueError(f"ring_timeout: {self.ring_timeout!r} must be > 0 seconds")
         if self.auth is not None and (not self.auth[0] or not self.auth[1]):
@@ -127,9 +137,15 @@ class SipSettings:
 
 
 def _max_calls(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError("expected a whole number 1..255")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError("expected a whole number 1..255 (1..4 with --sip-backend pjsua2)")
     return int(text)
+
+
+def _backend(text: str) -> str:
+    if text not in MAX_CALLS:
+        raise ValueError(f"expected one of {', '.join(MAX_CALLS)}")
+    return text
 
 
 SIP_OPTIONS: tuple[Option, ...] = (
@@ -138,7 +154,7 @@ SIP_OPTIONS: tuple[Option, ...] = (
     Option("rtp_ports", parse_port_range, "RTP port range (default 20000-29999; give each bridge "
            "process on a machine its own range)", "LOW-HIGH", section="sip", field="rtp_ports"),
     Option("sip_codecs", parse_codecs, "audio codecs in preference order (default "
-           "pcmu,pcma,g722,opus)", "LIST", section="sip", field="codecs"),
+           "pcmu,pcma,g722,opus; pjsua2: pcmu,pcma,g722)", "LIST", section="sip", field="codecs"),
     Option("sip_routes", existing_path, "JSON file: called user or number -> agent; an unmatched "
            "call gets 404 (default: every call goes to --agent)", "FILE", section="sip", field="routes"),
     Option("sip_accounts", existing_path, "JSON file: accounts to register (user, domain, password, "
@@ -159,8 +175,11 @@ SIP_OPTIONS: tuple[Option, ...] = (
            "source address (default 1024)", "N", section="sip", field="tcp_max_connections"),
     Option("sip_tcp_idle_timeout", seconds, "seconds a SIP TCP connection may stay silent before it is "
            "closed (default 60; half a message is given 10)", "SECONDS", section="sip", field="tcp_idle_timeout"),
-    Option("sip_max_calls", _max_calls, "most SIP calls this process holds (default and most: 255)",
-           "N", section="sip", field="max_calls"),
+    Option("sip_backend", _backend, "the SIP stack: baresip (default) or pjsua2 (the optional "
+           "duplexline[pjsua2] extra, GPLv2: one media clock for all calls, at most 4 calls per process, "
+           "no TLS, SRTP or Opus)", "NAME", section="sip", field="backend"),
+    Option("sip_max_calls", _max_calls, "most SIP calls this process holds (default and most: 255 with "
+           "baresip, 4 with pjsua2)", "N", section="sip", field="max_calls"),
     Option("sip_shared_listen", yes_no, "let several bridge processes on this machine share one SIP "
            "address; new calls go to the least-loaded (default no)", "yes|no", section="sip", field="shared_listen"),
     Option("sip_ring_timeout", seconds, "outbound calls: seconds to ring before giving up "

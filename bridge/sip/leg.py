@@ -1,7 +1,7 @@
 """The SIP leg: phone calls in and out of the bridge.
 
-    callers --SIP--> SipFront (public address; refuses 403/401/503/404) --> Stack (baresip,
-    private loopback port) --> SipCall per call --> CallManager.admit -> CallSession
+    callers --SIP--> SipFront (public address; refuses 403/401/503/404) --> Stack (baresip or
+    pjsua2, private loopback port) --> SipCall per call --> CallManager.admit -> CallSession
                                    ^ MediaTicker: one 20 ms tick moves every call's audio
 
 `start(settings, manager, registry)` builds it (the server calls it) and returns a `SipLeg`
@@ -33,8 +33,8 @@ from agent.once import BackgroundTasks, Once
 from agent.store import Transport
 
 from ..errors import BridgeError, ConfigError
+from . import backends
 from .accounts import AccountEntry, Registration, load_accounts
-from .backends.baresip import Stack, StackAccount, StackCall
 from .call import LineSink, SipCall, SipCallState
 from .front import CALLED_HEADER, ROUTE_HEADER, Refusal, SipFront
 from .guard import Allowlist, DigestAuth, PendingInvites, RateLimiter
@@ -42,7 +42,8 @@ from .media import MediaTicker
 from .metrics import SipMetrics
 from .routes import Route, RouteTable
 from .siblings import Siblings
-from .stack import INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, StackError
+from .stack import (INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, Stack, StackAccount,
+                    StackCall, StackError)
 from .tls import server_context, stack_tls_config
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class SipLeg:
         self.manager = manager
         self.metrics = SipMetrics(registry)
         self.draining = False
-        self.stack = Stack()
+        self.stack: Stack = backends.load(self.sip.backend).Stack()
         self.ticker = MediaTicker(self.metrics)
         self.front: SipFront | None = None
         self.routes = RouteTable.default(settings.agent)
@@ -105,6 +106,8 @@ class SipLeg:
                                           can_record=self.settings.records.record_dir is not None)
         entries = load_accounts(self.sip.accounts, self.sip.codecs) if self.sip.accounts else []
         tls = self.sip.tls_listen
+        if self.sip.backend == "pjsua2":
+            _refuse_on_pjsua2(tls is not None or self.sip.tls_ca is not None, self.routes)
         tls_context = server_context(self.sip.tls_cert, self.sip.tls_key) if tls is not None else None
         tls_config = stack_tls_config(self.sip.tls_ca)
         stack_host = self.sip.public_address or listen.host
@@ -120,7 +123,7 @@ class SipLeg:
             # SRTP best effort for every inbound call; each route's policy is the front's (sip/srtp.py).
             self._inbound = await self.stack.add_account(AccountSpec(
                 INBOUND_USER, f"{stack_host}:{port}", reg_interval=0, codecs=self.sip.codecs, catch_all=True,
-                mediaenc="srtp"))
+                mediaenc="srtp" if self.sip.backend == "baresip" else None))
             self._inbound.on_incoming(self._on_front_call)
             for entry in entries:
                 account = await self.stack.add_account(entry.spec)
@@ -152,8 +155,9 @@ class SipLeg:
         except BaseException:
             await self._close()
             raise
-        log.info("SIP leg up: sip:%s (udp, tcp)%s, codecs %s, %d routes, %d accounts", listen,
-                 f", sips:{tls} (tls)" if tls is not None else "", ",".join(self.sip.codecs),
+        log.info("SIP leg up: sip:%s (udp, tcp)%s, stack %s, codecs %s, at most %d calls, %d routes, %d accounts",
+                 listen, f", sips:{tls} (tls)" if tls is not None else "", self.sip.backend, ",".join(self.sip.codecs),
+                 self.sip.max_calls,
                  len(self.routes.routes), len(entries))
 
     def drain(self) -> None:
@@ -387,3 +391,15 @@ def _free_port(host: str) -> int:
                     continue
             return port
     raise OSError(f"no free port on {host} for the SIP stack")
+
+
+def _refuse_on_pjsua2(tls: bool, routes: RouteTable) -> None:
+    """What the pjsua2 wheel cannot do is refused before anything starts (its OpenSSL is
+    1.0.2k): TLS, and routes that demand SRTP."""
+    if tls:
+        raise ConfigError("sip_tls_listen", "set", "SIP over TLS is refused on --sip-backend pjsua2 (the wheel "
+                          "links OpenSSL 1.0.2k); use --sip-backend baresip")
+    demanding = [r.name or r.match for r in routes.routes if r.srtp == "required"]
+    if demanding:
+        raise ConfigError("sip_routes", ",".join(demanding), "srtp required is refused on --sip-backend pjsua2 "
+                          "(no SRTP on the wheel's OpenSSL 1.0.2k); use --sip-backend baresip")

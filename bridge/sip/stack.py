@@ -1,10 +1,10 @@
 """The SIP stack's interface: the values, events and errors every SIP backend speaks.
 
 The rest of the SIP leg sees a stack through these types only; a backend (one module per
-SIP stack under bridge/sip/backends/: today baresip, bridge/sip/backends/baresip.py)
-implements `Stack`, `StackAccount` and `StackCall` on top of its binding and turns the
-binding's objects into these at the boundary. A second backend (pjsua2) would raise the
-same errors and emit the same events:
+SIP stack under bridge/sip/backends/: baresip.py and pjsua2.py) implements `Stack`,
+`StackAccount` and `StackCall` (the protocols below) on top of its binding and turns the
+binding's objects into these values at the boundary; both raise the same errors and emit
+the same events:
 
     errors         `StackError` root; `MediaInactive`, `MediaRestarted`; outbound outcomes
                    `DialBusy`, `DialDeclined`, `DialNoAnswer`, `DialFailed`; `RegisterFailed`;
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from ..errors import BridgeError
 
 __all__ = ["CallEvent", "CallEventKind", "AudioFormat", "RtpStats", "AccountSpec", "StackError", "MediaInactive",
            "MediaRestarted", "DialFailed", "DialBusy", "DialDeclined", "DialNoAnswer", "RegisterFailed",
-           "TransferRefused", "INBOUND_USER"]
+           "TransferRefused", "INBOUND_USER", "Stack", "StackAccount", "StackCall"]
 
 INBOUND_USER = "duplexline"
 
@@ -137,3 +138,48 @@ class AccountSpec:
     def __repr__(self) -> str:
         return (f"AccountSpec(user={self.user!r}, domain={self.domain!r}, password={'***' if self.password else ''!r}, "
                 f"registrar={self.registrar!r}, reg_interval={self.reg_interval})")
+
+
+# ---- the backend's objects ---------------------------------------------------------------------
+
+
+class StackCall(Protocol):
+    """One call. Listeners run on the event loop; audio is PCM16 at `audio_format()`'s rates."""
+
+    stats: RtpStats | None  # the final statistics, once the call closed
+
+    @property
+    def call_id(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    def on_event(self, listener: Callable[[CallEvent], None]) -> None: ...
+    def on_rtcp(self, listener: Callable[[RtpStats], None]) -> None: ...
+    async def answer(self) -> None: ...
+    async def reject(self) -> None: ...
+    async def hangup(self) -> None: ...
+    async def wait_established(self, timeout: float) -> None: ...
+    async def set_hold(self, on: bool) -> None: ...
+    async def transfer(self, uri: str, timeout: float = 30.0) -> None: ...
+    async def send_dtmf(self, digits: str) -> None: ...
+    def audio_format(self) -> AudioFormat: ...
+    def read(self, max_bytes: int) -> bytes: ...
+    def write(self, pcm) -> int: ...
+
+
+class StackAccount(Protocol):
+    spec: AccountSpec
+
+    def on_incoming(self, callback: Callable[[StackCall], None]) -> None: ...
+    def on_registration(self, callback: Callable[[bool, str], None]) -> None: ...
+    async def register(self, timeout: float = 10.0) -> None: ...
+    async def unregister(self, timeout: float = 5.0) -> None: ...
+    async def dial(self, uri: str) -> StackCall: ...
+
+
+class Stack(Protocol):
+    async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
+                    log_level: str = "warning", tls_config: str = "") -> None: ...
+    async def close(self) -> None: ...
+    async def add_account(self, spec: AccountSpec) -> StackAccount: ...

@@ -20,3 +20,18 @@ def ns():
     require_netns()
     with NetNs() as namespace:
         yield namespace
+
+
+def _has_pjsua2() -> bool:
+    try:
+        import pjsua2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module", params=["baresip", pytest.param("pjsua2", marks=pytest.mark.skipif(
+    not _has_pjsua2(), reason="the pjsua2 extra is not installed (pip install 'duplexline[pjsua2]')"))])
+def sip_backend(request):
+    """The SIP end-to-end tests run once per SIP stack (--sip-backend)."""
+    return request.param

@@ -20,8 +20,8 @@ TOKEN = "t0ken"
 
 
 @pytest.fixture(scope="module")
-def bridge(workdir):
-    with BridgeProcess("--agent", "echo", "--rtp-ports", "25000-25999", workdir=workdir,
+def bridge(workdir, sip_backend):
+    with BridgeProcess("--agent", "echo", "--rtp-ports", "25000-25999", "--sip-backend", sip_backend, workdir=workdir,
                        token=TOKEN) as server:
         yield server
         assert server.terminate() == 0, server.log()

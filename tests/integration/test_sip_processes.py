@@ -20,11 +20,13 @@ def _processes(server: BridgeProcess) -> int:
     return int(metric_value(server.metrics(), "duplexline_sip_processes"))
 
 
-def test_calls_from_one_source_spread_over_processes_sharing_the_address(tmp_path):
+def test_calls_from_one_source_spread_over_processes_sharing_the_address(tmp_path, sip_backend):
     port = free_sip_port()
     with BridgeProcess("--agent", "echo", "--sip-shared-listen", "yes", "--rtp-ports", "26000-26499",
+                       "--sip-backend", sip_backend,
                        workdir=tmp_path, sip_port=port) as first, \
             BridgeProcess("--agent", "echo", "--sip-shared-listen", "yes", "--rtp-ports", "26500-26999",
+                          "--sip-backend", sip_backend,
                           workdir=tmp_path, sip_port=port) as second:
         # Each process rewrites the load registry once a second: wait until both see two.
         eventually(lambda: _processes(first) == 2 and _processes(second) == 2, timeout=5,

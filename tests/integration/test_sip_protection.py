@@ -18,11 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def guarded(workdir):
+def guarded(workdir, sip_backend):
     routes = workdir / "routes.json"
     routes.write_text(json.dumps({"routes": [{"match": "bot"}]}))
     with BridgeProcess("--agent", "echo", "--sip-routes", str(routes), "--sip-auth", "bob:s3cret",
-                       "--sip-invite-rate", "5", "--rtp-ports", "22000-22999", workdir=workdir) as server:
+                       "--sip-invite-rate", "5", "--rtp-ports", "22000-22999", "--sip-backend", sip_backend,
+                       workdir=workdir) as server:
         yield server
         assert server.terminate() == 0, server.log()
 
@@ -64,8 +65,9 @@ def test_invite_flood_from_one_source_is_rate_limited(guarded):
     assert after - before == len(limited)
 
 
-def test_source_outside_the_allowlist_gets_403(workdir):
+def test_source_outside_the_allowlist_gets_403(workdir, sip_backend):
     with BridgeProcess("--agent", "echo", "--sip-allow", "10.0.0.0/8", "--rtp-ports", "22000-22999",
+                       "--sip-backend", sip_backend,
                        workdir=workdir) as server:
         reply = sip_request(server.sip_port)
         assert reply.status == 403
@@ -73,8 +75,9 @@ def test_source_outside_the_allowlist_gets_403(workdir):
         assert server.get("/calls")[1]["calls"] == []
 
 
-def test_draining_bridge_answers_503_with_retry_after_and_keeps_live_calls(workdir):
+def test_draining_bridge_answers_503_with_retry_after_and_keeps_live_calls(workdir, sip_backend):
     with BridgeProcess("--agent", "echo", "--rtp-ports", "22000-22999", "--drain-timeout", "30",
+                       "--sip-backend", sip_backend,
                        workdir=workdir) as server:
         with BaresipPeer(workdir, user="live") as peer:
             peer.dial(f"sip:bot@127.0.0.1:{server.sip_port}")
