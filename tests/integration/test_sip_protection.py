@@ -135,3 +135,17 @@ def test_password_guessing_gets_the_source_banned(guarded):
     assert metric_value(text, "duplexline_sip_auth_bans_total", 'kind="source"') >= 1
     assert metric_value(text, "duplexline_sip_invites_total", 'outcome="banned"') >= 1
     assert sip_request(guarded.sip_port, user="nobody").status == 401  # 127.0.0.1 is untouched
+
+
+def test_a_call_beyond_sip_max_calls_gets_486_and_the_first_goes_on(workdir, sip_backend):
+    with BridgeProcess("--agent", "echo", "--sip-max-calls", "1", "--rtp-ports", "22000-22999",
+                       "--sip-backend", sip_backend, workdir=workdir) as server:
+        with BaresipPeer(workdir, user="first") as first, BaresipPeer(workdir, user="second") as second:
+            first.dial(f"sip:bot@127.0.0.1:{server.sip_port}")
+            call_id = first.wait_event("CALL_ESTABLISHED", timeout=10)["id"]
+            second.dial(f"sip:bot@127.0.0.1:{server.sip_port}")
+            closed = second.wait_event("CALL_CLOSED", timeout=10)
+            assert "486" in closed.get("param", ""), closed
+            assert server.get(f"/calls/{call_id}")[1]["state"] == "active"
+            first.hangup()
+            first.wait_event("CALL_CLOSED", timeout=10)
