@@ -2,7 +2,9 @@
 frame lateness, against a few-call baseline measured in the same run.
 
 Run from the repository root: `python bench/sip_calls.py [--calls 10,50,100,200]
-[--seconds 15] [--servers 1] [--pin]`. For each row it starts `--servers` bridge processes
+[--seconds 15] [--servers 1] [--pin] [--backend baresip,pjsua2]`. For each SIP stack
+(`--sip-backend`) and each row it starts `--servers` bridge processes (pjsua2: at least one
+per 4 calls, the most its wheel holds)
 (`duplexline serve --agent echo`) sharing ONE SIP address (`--sip-shared-listen yes`,
 SO_REUSEPORT: the kernel spreads callers over them by source address), then client
 processes (this file, `--client`; a SIP user agent per process on the project's own
@@ -21,8 +23,8 @@ Columns:
   (duplexline_agent_late_frames_total over frames fed), and the p99 of that lateness;
 - lost: bursts whose echo never came back (a dropped call or lost audio).
 
-The baseline row (the first, fewest calls) is what the others' CPU per call is divided
-by. `--pin` puts the bridges on CPU 0 and the clients on the others, so "calls per core"
+The baseline row (the first stack's first row, fewest calls) is what every row's CPU per
+call is divided by. `--pin` puts the bridges on CPU 0 and the clients on the others, so "calls per core"
 means one core of bridge; without it everything shares the machine.
 """
 
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import pct, table  # noqa: E402
 from bench._procs import cpu_seconds, parse_metrics  # noqa: E402
+from bridge.sip.backends import MAX_CALLS  # noqa: E402
 from tests.integration.serve_process import free_port  # noqa: E402
 
 RATE = 8000
@@ -189,7 +192,9 @@ def _lateness_p99(before: list[dict], after: list[dict]) -> float:
     return float("inf")
 
 
-def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) -> dict:
+def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path, backend: str = "baresip") -> dict:
+    servers = max(servers, -(-calls // MAX_CALLS[backend]))
+    span = min(1000, 10 * MAX_CALLS[backend])  # RTP ports per process (RTP and RTCP per call)
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus = {cpus[0]} if pin and len(cpus) > 1 else None
     client_cpus = set(cpus[1:]) if pin and len(cpus) > 1 else None
@@ -200,11 +205,12 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
         for i in range(servers):
             http = free_port()
             https.append(http)
-            log = (workdir / f"bridge-{calls}-{i}.log").open("wb")
+            log = (workdir / f"bridge-{backend}-{calls}-{i}.log").open("wb")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "bridge.cli", "serve", "--agent", "echo", "--log-level", "WARNING",
                  "--sip-listen", f"127.0.0.1:{sip}", "--sip-shared-listen", "yes", "--http-listen",
-                 f"127.0.0.1:{http}", "--rtp-ports", f"{20000 + i * 1000}-{20999 + i * 1000}",
+                 f"127.0.0.1:{http}", "--sip-backend", backend,
+                 "--rtp-ports", f"{20000 + i * span}-{20000 + (i + 1) * span - 1}",
                  # every call comes from 127.0.0.1 at 25 a second: a trunk, not a flood
                  "--sip-invite-rate", "1000", "--sip-max-pending", "255", "--sip-max-pending-per-source", "255"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_affinity(server_cpus)))
@@ -227,7 +233,7 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
         setup = calls / DIAL_RATE / max(1, -(-calls // per_client)) + 3
         while left > 0:
             n = min(per_client, left)
-            out = workdir / f"client-{calls}-{k}.json"
+            out = workdir / f"client-{backend}-{calls}-{k}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--client", "--target", str(sip), "--n", str(n),
                    "--seconds", str(seconds + 180), "--port", str(free_port(socket.SOCK_DGRAM)),
                    "--rtp", f"{40000 + k * 600}-{40599 + k * 600}", "--out", str(out)]
@@ -275,7 +281,7 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path) 
     cores = (c1 - c0) / wall
     tick = sum(a.get("duplexline_sip_media_tick_duration_seconds_sum", 0) -
                b.get("duplexline_sip_media_tick_duration_seconds_sum", 0) for a, b in zip(m1, m0)) / wall
-    return {"calls": calls, "servers": servers, "established": established, "spread": active,
+    return {"backend": backend, "calls": calls, "servers": servers, "established": established, "spread": active,
             "cores": cores, "tick": tick, "cpu_per_call": 100 * cores / max(1, established),
             "delay": [pct(delays, q) * 1000 if delays else float("nan") for q in (50, 95, 99)],
             "lost": 1 - len(delays) / bursts if bursts else float("nan"),
@@ -288,6 +294,8 @@ def main() -> int:
     parser.add_argument("--servers", type=int, default=1, help="bridge processes behind one SIP address")
     parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per row (default 12)")
     parser.add_argument("--pin", action="store_true", help="bridges on CPU 0, clients on the others")
+    parser.add_argument("--backend", default="baresip",
+                        help="comma-separated SIP stacks (--sip-backend) to measure, e.g. baresip,pjsua2")
     parser.add_argument("--logs", type=Path, help="keep the bridges' logs and the clients' results here")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
@@ -305,17 +313,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sip-bench-") as tmp:
         workdir = args.logs or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        for calls in (int(c) for c in args.calls.split(",")):
-            rows.append(run_row(calls, args.servers, args.seconds, args.pin, workdir))
-            r = rows[-1]
-            print(f"  {calls} calls: {r['established']} up, {r['cores']:.2f} cores", file=sys.stderr, flush=True)
+        for backend in args.backend.split(","):
+            for calls in (int(c) for c in args.calls.split(",")):
+                rows.append(run_row(calls, args.servers, args.seconds, args.pin, workdir, backend))
+                r = rows[-1]
+                print(f"  {backend}, {calls} calls: {r['established']} up in {r['servers']} processes, "
+                      f"{r['cores']:.2f} cores", file=sys.stderr, flush=True)
     base = rows[0]["cpu_per_call"]
-    print(f"SIP echo calls (PCMU) on loopback, {args.servers} bridge process(es) behind one SIP address"
+    print(f"SIP echo calls (PCMU) on loopback, bridge processes behind one SIP address"
           f"{', bridges pinned to one core' if args.pin else ', all cores shared with the clients'}; "
           f"{args.seconds:.0f} s per row; CPU per call vs the {rows[0]['calls']}-call baseline")
-    print(table(["calls", "up", "per process", "bridge cores", "media tick", "CPU/call %", "vs base", "calls/core",
+    print(table(["stack", "calls", "up", "per process", "bridge cores", "media tick", "CPU/call %", "vs base", "calls/core",
                  "echo p50 ms", "p95", "p99", "lost bursts", "late frames", "lateness p99"],
-                [[r["calls"], r["established"], "/".join(f"{a:.0f}" for a in r["spread"]), f"{r['cores']:.2f}",
+                [[r["backend"], r["calls"], r["established"], "/".join(f"{a:.0f}" for a in r["spread"]), f"{r['cores']:.2f}",
                   f"{r['tick']:.2f}",
                   f"{r['cpu_per_call']:.2f}", f"{r['cpu_per_call'] / base:.2f}",
                   f"{100 / r['cpu_per_call']:.0f}" if r["cpu_per_call"] else "-",
