@@ -109,6 +109,13 @@ _LIFECYCLE = textwrap.dedent("""
             await Stack().start(host="127.0.0.1", port=free_port(), rtp_ports=(30000, 30999), max_calls=5)
         except StackError as exc:
             print("refused:", exc)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:  # a start that fails half-way unwinds
+            taken.bind(("127.0.0.1", 0))
+            try:
+                await Stack().start(host="127.0.0.1", port=taken.getsockname()[1], rtp_ports=(30000, 30999),
+                                    max_calls=4)
+            except StackError as exc:
+                print("refused:", exc)
         print("closed cleanly")
 
     asyncio.run(main())
@@ -119,7 +126,7 @@ def test_the_stack_starts_refuses_what_it_cannot_do_and_closes_twice_in_one_proc
     done = subprocess.run([sys.executable, "-c", _LIFECYCLE], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]  # -6: a pj assertion aborted the process
     refused = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
-    assert len(refused) == 7, done.stdout
+    assert len(refused) == 8, done.stdout
     assert "SRTP" in refused[0] and "TLS" in refused[1] and "whole process" in refused[2]
-    assert "at most 4 calls" in refused[6]
+    assert "at most 4 calls" in refused[6] and "already in use" in refused[7]
     assert done.stdout.rstrip().endswith("closed cleanly")

@@ -54,6 +54,7 @@ FRAME_BYTES = RATE // 50 * 2
 JITTER_MS = (40, 20, 60)  # the receive jitter buffer's start, least and most prefetch
 POLL_SECONDS = 0.005  # SIP and RTP sockets are read this often (the jitter buffer absorbs it)
 STATS_SECONDS = 5.0  # pjsua2 has no RTCP event: the streams' statistics are read this often
+_POLL_BATCH = 64  # events handled in one poll at most
 _TX_MAX = 10 * FRAME_BYTES  # at most 200 ms queued for the caller; the ticker keeps ~3 frames
 _RX_MAX = 10 * FRAME_BYTES
 # Every pj object Python creates (calls, ports, accounts): `Stack.close` disowns any still
@@ -208,8 +209,9 @@ class Stack:
         if ep is None or loop is None:
             return
         try:
-            while ep.libHandleEvents(0) > 0:
-                pass
+            for _ in range(_POLL_BATCH):  # what is ready, but never the whole loop's time under a flood
+                if ep.libHandleEvents(0) <= 0:
+                    break
         except Exception:  # a failing callback is logged where it failed; the poll goes on
             log.exception("pjsua2 event poll failed")
         self._since_stats += POLL_SECONDS
@@ -273,7 +275,7 @@ class Stack:
             cfg.regConfig.registrarUri = registrar if params in registrar else registrar + params
         cfg.regConfig.registerOnAdd = False
         cfg.regConfig.timeoutSec = spec.reg_interval or 600
-        cfg.regConfig.retryIntervalSec = 30
+        cfg.regConfig.retryIntervalSec = 0  # no retries of pjsua's own: the leg retries with backoff
         if spec.password:
             cfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", spec.auth_user or spec.user, 0,
                                                             spec.password))
