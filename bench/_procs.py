@@ -20,6 +20,20 @@ def cpu_seconds(pid: int) -> float:
     return stat_cpu_seconds(f"/proc/{pid}/stat")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time per thread of a process: {"name/tid": seconds} (a thread that ended while
+    read is left out)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            seconds = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        out[f"{name}/{tid}"] = seconds
+    return out
+
+
 def parse_metrics(text: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, float]:
     """Prometheus text format -> {series: value} for the series starting with a prefix."""
     out: dict[str, float] = {}

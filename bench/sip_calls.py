@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import pct, table  # noqa: E402
-from bench._procs import cpu_seconds, parse_metrics  # noqa: E402
+from bench._procs import cpu_seconds, parse_metrics, thread_cpu_seconds  # noqa: E402
 from bridge.sip.backends import MAX_CALLS  # noqa: E402
 from tests.integration.serve_process import free_port  # noqa: E402
 
@@ -192,6 +192,10 @@ def _lateness_p99(before: list[dict], after: list[dict]) -> float:
     return float("inf")
 
 
+def _threads(procs: list[subprocess.Popen]) -> dict[tuple[int, str], float]:
+    return {(p.pid, k): v for p in procs for k, v in thread_cpu_seconds(p.pid).items()}
+
+
 def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path, backend: str = "baresip") -> dict:
     servers = max(servers, -(-calls // MAX_CALLS[backend]))
     span = min(1000, 10 * MAX_CALLS[backend])  # RTP ports per process (RTP and RTCP per call)
@@ -249,11 +253,13 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path, 
         time.sleep(1.0)  # let the last calls settle: measure from here
         m0 = [_metrics(h) for h in https]
         c0 = sum(cpu_seconds(p.pid) for p in procs)
+        th0 = _threads(procs)
         t0 = time.monotonic()
         time.sleep(max(1.0, seconds - 2.0))
         m1 = [_metrics(h) for h in https]
         c1 = sum(cpu_seconds(p.pid) for p in procs)
         wall = time.monotonic() - t0
+        th1 = _threads(procs)
         for _, out in clients:
             out.with_suffix(".stop").write_text("")
         results = []
@@ -281,7 +287,12 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path, 
     cores = (c1 - c0) / wall
     tick = sum(a.get("duplexline_sip_media_tick_duration_seconds_sum", 0) -
                b.get("duplexline_sip_media_tick_duration_seconds_sum", 0) for a, b in zip(m1, m0)) / wall
-    return {"backend": backend, "calls": calls, "servers": servers, "established": established, "spread": active,
+    by_name: dict[str, float] = {}
+    for key, seconds in th1.items():  # threads by name over all the bridges: where the CPU goes
+        name = key[1].rsplit("/", 1)[0]
+        by_name[name] = by_name.get(name, 0.0) + (seconds - th0.get(key, 0.0)) / wall  # a new thread: all of it
+    busiest = sorted(by_name.items(), key=lambda kv: -kv[1])[:4]
+    return {"backend": backend, "calls": calls, "servers": servers, "threads": busiest, "established": established, "spread": active,
             "cores": cores, "tick": tick, "cpu_per_call": 100 * cores / max(1, established),
             "delay": [pct(delays, q) * 1000 if delays else float("nan") for q in (50, 95, 99)],
             "lost": 1 - len(delays) / bursts if bursts else float("nan"),
@@ -324,13 +335,15 @@ def main() -> int:
           f"{', bridges pinned to one core' if args.pin else ', all cores shared with the clients'}; "
           f"{args.seconds:.0f} s per row; CPU per call vs the {rows[0]['calls']}-call baseline")
     print(table(["stack", "calls", "up", "per process", "bridge cores", "media tick", "CPU/call %", "vs base", "calls/core",
-                 "echo p50 ms", "p95", "p99", "lost bursts", "late frames", "lateness p99"],
+                 "echo p50 ms", "p95", "p99", "lost bursts", "late frames", "lateness p99",
+                 "busiest threads (cores)"],
                 [[r["backend"], r["calls"], r["established"], "/".join(f"{a:.0f}" for a in r["spread"]), f"{r['cores']:.2f}",
                   f"{r['tick']:.2f}",
                   f"{r['cpu_per_call']:.2f}", f"{r['cpu_per_call'] / base:.2f}",
                   f"{100 / r['cpu_per_call']:.0f}" if r["cpu_per_call"] else "-",
                   *(f"{d:.0f}" for d in r["delay"]), f"{r['lost']:.1%}", f"{r['late']:.2%}",
-                  f"{r['late_p99'] * 1000:.0f} ms"] for r in rows]))
+                  f"{r['late_p99'] * 1000:.0f} ms",
+                  ", ".join(f"{name} {cores:.2f}" for name, cores in r["threads"])] for r in rows]))
     return 0
 
 

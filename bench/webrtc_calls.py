@@ -46,7 +46,7 @@ HOLD_FPS = 47.5
 MAX_LATE = 0.10  # a server that falls behind has every frame late; bursts make a few late
 DEFAULT_POINTS = "stock:10,15,20 fast:30,45,60"
 
-from bench._procs import cpu_seconds, parse_metrics, stat_cpu_seconds  # noqa: E402
+from bench._procs import cpu_seconds, parse_metrics, thread_cpu_seconds  # noqa: E402
 
 
 # ---- the client process (runs inside the namespace, pinned to CPU 1) --------------------------
@@ -176,18 +176,6 @@ def _cpu_share(a: list[int], b: list[int]) -> dict[str, float]:
     return {"busy": 100 * (total - d[3] - d[4]) / total, "softirq": 100 * d[6] / total, "steal": 100 * d[7] / total}
 
 
-def _thread_cpu(pid: int) -> dict[str, float]:
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            seconds = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        except OSError:
-            continue
-        out[f"{name}/{tid}"] = seconds
-    return out
-
-
 def _metrics(ns, url: str) -> dict[str, float]:
     def fetch():
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -229,13 +217,13 @@ def run_point(ns, mode: str, calls: int, seconds: float, warmup: float, workdir:
         cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
         ccpu0 = cpu_seconds(client.pid)
         core0 = _cpu_times(0)
-        threads0 = _thread_cpu(server.proc.pid)
+        threads0 = thread_cpu_seconds(server.proc.pid)
         m0 = _metrics(ns, server.url)
         done = json.loads(client.stdout.readline())
         cpu1, t1 = cpu_seconds(server.proc.pid), time.monotonic()
         ccpu1 = cpu_seconds(client.pid)
         core = _cpu_share(core0, _cpu_times(0))
-        threads1 = _thread_cpu(server.proc.pid)
+        threads1 = thread_cpu_seconds(server.proc.pid)
         busy = sorted(((threads1[k] - threads0.get(k, 0)) / (t1 - t0) * 100, k) for k in threads1)[-3:]
         print(f"    {mode} {calls}: core 0 busy {core['busy']:.0f}% (softirq {core['softirq']:.0f}%, steal "
               f"{core['steal']:.0f}%); client CPU {100 * (ccpu1 - ccpu0) / (t1 - t0):.0f}%, busiest server threads "

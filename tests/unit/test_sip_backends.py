@@ -130,3 +130,14 @@ def test_the_stack_starts_refuses_what_it_cannot_do_and_closes_twice_in_one_proc
     assert "SRTP" in refused[0] and "TLS" in refused[1] and "whole process" in refused[2]
     assert "at most 4 calls" in refused[6] and "already in use" in refused[7]
     assert done.stdout.rstrip().endswith("closed cleanly")
+
+
+def test_frames_are_read_out_of_the_binding_exactly_and_fast_path_is_proved(pj_backend):
+    import pjsua2
+
+    rng = __import__("random").Random(7)
+    for size in (0, 1, 160, 640, 1920):
+        data = bytes(rng.randrange(256) for _ in range(size))
+        vector = pjsua2.ByteVector(data)
+        assert pj_backend._vector_bytes(vector) == bytes(vector) == data  # the binding's own, slow copy
+    assert pj_backend._check_vector_layout() is pj_backend._vector_bytes
