@@ -34,7 +34,10 @@ Messages and bytes per second each way are counted in this process (audio messag
 packed, result messages unpacked; pings, 10 a second each way, not counted).
 
     python bench/worker.py [--sessions 1,16] [--seconds 5] [--protocol-sessions 16,256]
-                           [--protocol-seconds 4] [--event-loop asyncio|uvloop] [--gc-freeze]
+                           [--protocol-seconds 4] [--arrivals aligned,spread]
+                           [--event-loop asyncio|uvloop] [--gc-freeze]
+
+(`--sessions ''`: the protocol part alone; `--protocol-sessions ''`: the model part alone.)
 
 It exits 1 (after the table) when a chunk failed, with both sides' logs. The default run
 takes about a minute. (`python bench/worker.py --serve-stand-in PORT` is the stand-in
@@ -143,7 +146,7 @@ class InstantVoiceStandIn(VoiceEngine):
     def drain(self) -> None:
         pass
 
-    async def open_session(self) -> "_InstantSession":
+    async def open_session(self, voice: str | None = None) -> "_InstantSession":
         if self.engine.open >= self.engine.slots:
             raise EngineFull("no_slot", f"all {self.engine.slots} slots are in use")
         self.engine.open += 1
@@ -522,21 +525,28 @@ def row(engine: str, n: int, arrivals: str, r: dict, base: dict | None, cpu_brid
 
 
 async def run(args: argparse.Namespace, sizes: list[int], loads: list[int]) -> tuple[list[list[object]], list[str]]:
+    Counts.install()
+    client_log = ClientLog()
+    rows: list[list[object]] = []
+    notes: list[str] = []
+    if sizes:
+        await model_part(args, sizes, client_log, rows, notes)
+    if loads:  # after the model's worker has gone: the machine to itself and the stand-in
+        await protocol_part(args, loads, client_log, rows, notes)
+    return rows, notes
+
+
+async def model_part(args: argparse.Namespace, sizes: list[int], client_log: ClientLog, rows: list,
+                     notes: list) -> None:
+    """1. The round trip with the tiny model: in this process (baseline), then on the worker."""
     from bridge.compose import build_voice_engine
     from bridge.settings import Settings
     from model.worker_client import RemoteVoiceEngine
 
-    Counts.install()
-    client_log = ClientLog()
-    worker_addr, stand_in_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    worker_addr = f"127.0.0.1:{free_port()}"
     worker = Proc("worker", [sys.executable, "-m", "bridge.cli", "worker", "--listen", worker_addr,
                              "--slots", str(max(sizes)), "--device", "cpu", "--event-loop", args.event_loop,
                              "--log-level", "WARNING", "--drain-timeout", "0"])
-    stand_in = Proc("stand-in worker", [sys.executable, os.path.abspath(__file__), "--serve-stand-in",
-                                        stand_in_addr.rsplit(":", 1)[1], "--event-loop", args.event_loop]
-                    + (["--gc-freeze"] if args.gc_freeze else []))
-    rows: list[list[object]] = []
-    notes: list[str] = []
     try:
         loop = asyncio.get_running_loop()
         local = await loop.run_in_executor(None, build_voice_engine, Settings(
@@ -544,11 +554,8 @@ async def run(args: argparse.Namespace, sizes: list[int], loads: list[int]) -> t
         local.engine.headroom = None  # admission by slots alone: every N is measured (the worker's is its own)
         await local.start()
         await worker.ready(worker_addr)
-        await stand_in.ready(stand_in_addr)
         if args.gc_freeze:
             gc.freeze()
-
-        # 1. The round trip with the tiny model: in this process (baseline), then on the worker.
         remote = RemoteVoiceEngine(CollectorRegistry(), bridge_id="bench", urls=[worker_addr])
         await remote.start()
         try:
@@ -564,12 +571,26 @@ async def run(args: argparse.Namespace, sizes: list[int], loads: list[int]) -> t
         finally:
             await remote.close()
             await local.close()
-        worker.stop()  # the protocol part has the machine to itself and the stand-in
+    finally:
+        worker.stop()
 
-        # 2. The protocol alone: the instant stand-in here (baseline), then over one connection.
+
+async def protocol_part(args: argparse.Namespace, loads: list[int], client_log: ClientLog, rows: list,
+                        notes: list) -> None:
+    """2. The protocol alone: the instant stand-in here (baseline), then over one connection."""
+    from model.worker_client import RemoteVoiceEngine
+
+    stand_in_addr = f"127.0.0.1:{free_port()}"
+    stand_in = Proc("stand-in worker", [sys.executable, os.path.abspath(__file__), "--serve-stand-in",
+                                        stand_in_addr.rsplit(":", 1)[1], "--event-loop", args.event_loop]
+                    + (["--gc-freeze"] if args.gc_freeze else []))
+    try:
+        await stand_in.ready(stand_in_addr)
+        if args.gc_freeze:
+            gc.freeze()
         for n in loads:
             per100 = 100.0 / n
-            for spread in (False, True):
+            for spread in [a == "spread" for a in args.arrivals.split(",")]:
                 arrivals = "spread over 20 ms" if spread else "aligned"
                 # The baseline's cost is steady and small: 2 s measure it well enough.
                 base = await protocol_load(InstantVoiceStandIn(), n, min(2.0, args.protocol_seconds), spread,
@@ -590,18 +611,18 @@ async def run(args: argparse.Namespace, sizes: list[int], loads: list[int]) -> t
                                  + "\n".join(client_log.take()) + f"\nthe stand-in worker's log:\n{stand_in.output()}")
                 client_log.take()
     finally:
-        worker.stop()
         stand_in.stop()
-    return rows, notes
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sessions", default="1,16", help="round trip: calls at once, each size in turn")
+    ap.add_argument("--sessions", default="1,16",
+                    help="round trip: calls at once, each size in turn ('': no tiny model part)")
     ap.add_argument("--seconds", type=float, default=5.0, help="round trip: each call's length")
     ap.add_argument("--jitter", type=float, default=0.0, help="round trip: frames arrive up to this late")
     ap.add_argument("--protocol-sessions", default="256", help="CPU: sessions over one connection, each in turn")
     ap.add_argument("--protocol-seconds", type=float, default=4.0, help="CPU: seconds measured (after 1 s)")
+    ap.add_argument("--arrivals", default="aligned,spread", help="CPU: aligned, spread (over 20 ms), or both")
     ap.add_argument("--event-loop", default="asyncio", choices=["asyncio", "uvloop"],
                     help="every process's event loop (the worker's default is uvloop)")
     ap.add_argument("--gc-freeze", action="store_true",
@@ -613,8 +634,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.serve_stand_in is not None:
         return serve_stand_in(args.serve_stand_in, args.event_loop, args.gc_freeze)
-    sizes = [int(s) for s in args.sessions.split(",")]
-    loads = [int(s) for s in args.protocol_sessions.split(",")]
+    sizes = [int(s) for s in args.sessions.split(",") if s]
+    loads = [int(s) for s in args.protocol_sessions.split(",") if s]
     started, load_before = time.monotonic(), os.getloadavg()[0]
     with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
         rows, notes = runner.run(run(args, sizes, loads))

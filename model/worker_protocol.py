@@ -1,21 +1,28 @@
-"""The bridge-worker protocol's messages (docs/worker.md), version 2, over one WebSocket
+"""The bridge-worker protocol's messages (docs/worker.md), version 3, over one WebSocket
 per bridge-worker pair, many sessions on it.
 
 Control messages are JSON text frames `{"t": kind, ...}`. Audio, both ways, travels in
 binary frames, each carrying the chunks of many sessions (what was ready in the same
 moment, cut into messages of at most `PIECE_BYTES` of audio so that the receiver starts
-on the first while the rest is still being packed and sent):
+on the first while the rest is still being packed and sent). Binary, little-endian, no
+JSON: a table of int32 the receiver checks with a few numpy operations, whatever the
+number of sessions, then the audio as int16:
 
-    b"DL" | version (u8) | kind (u8) | header length (u32, little-endian) | JSON header | payload
+    b"DL" | version (u8) | kind (u8) | items (u32) | int32 table | int16 audio
 
-- kind AUDIO (bridge to worker): header `{"items": [[sid, seq, samples], ...]}`, payload
-  each item's 16 kHz audio as int16 little-endian, in order (callers' audio is 16-bit
-  already: int16 halves the bytes and loses nothing);
-- kind RESULTS (worker to bridge): header `{"items": [[sid, seq, [[text_ids, speech_codes,
-  dropped, samples], ...]], ...]}`, payload every chunk's audio at the decoder's rate as
-  int16 little-endian, in order, made by `line_pcm16`: exactly the 16 bits the bridge's
-  line makes of the decoder's float32 audio (bridge/line_audio.py), so that a caller hears
-  the same samples from a remote engine as from a local one, for half the bytes.
+- kind AUDIO (bridge to worker): table `items` rows of (sid, seq, samples); audio each
+  item's 16 kHz samples, in order (callers' audio is 16-bit already: int16 halves the
+  bytes and loses nothing);
+- kind RESULTS (worker to bridge): table `items` rows of (sid, seq, chunks), then a row
+  per chunk of every item, in order, (text ids, speech codes, samples, dropped 0/1), then
+  every chunk's text ids and speech codes, in order; audio every chunk's samples at the
+  decoder's rate, made by `line_pcm16`: exactly the 16 bits the bridge's line makes of
+  the decoder's float32 audio (bridge/line_audio.py), so that a caller hears the same
+  samples from a remote engine as from a local one, for half the bytes.
+
+Every count is checked against the message's length before anything is read: a message
+that does not add up (or a negative count, sid or seq, a flag other than 0/1) raises
+ProtocolError.
 """
 
 from __future__ import annotations
@@ -33,18 +40,21 @@ __all__ = ["PerPass", "VERSION", "AUDIO", "RESULTS", "PIECE_BYTES", "ProtocolErr
            "pack_audio", "unpack_audio", "pack_results", "unpack_results", "pieces", "audio_bytes",
            "result_bytes", "line_pcm16"]
 
-VERSION = 2
+VERSION = 3
 AUDIO = 1
 RESULTS = 2
 _MAGIC = b"DL"
 _PREFIX = struct.Struct("<2sBBI")
+_I32 = np.dtype("<i4")
+_I16 = np.dtype("<i2")
+ITEM = 3  # int32 per item row: sid, seq, samples (AUDIO) or chunks (RESULTS)
+CHUNK = 4  # int32 per chunk row (RESULTS): text ids, speech codes, samples, dropped
 MAX_ITEMS = 4096  # sessions in one message: far above any worker's slots
 # Audio bytes per binary message (one item at least): a tick of 256 sessions is 1.6 MB up
 # and 2.3 MB down; in pieces this size the receiver unpacks the first while the sender
 # packs the next (on another core), and each piece stays in the CPU's cache. Measured
 # (256 sessions aligned, bench/worker.py's stand-in): 64-128 kB best, 256 kB+ slower.
 PIECE_BYTES = 1 << 17
-_INT = {int}
 _TO_FLOAT = np.float32(1.0 / 32768.0)
 
 
@@ -73,18 +83,60 @@ def line_pcm16(pcm: np.ndarray) -> np.ndarray:
     `line_pcm16(x) / 32768` exactly as it plays `x` (the scale by 2**15 is exact, so the
     line gets the same int16 back). tests/unit/test_worker_protocol.py holds the two to
     that."""
-    scaled = pcm * 32768.0
+    return _clip16(pcm * 32768.0)
+
+
+def _clip16(scaled: np.ndarray) -> np.ndarray:
     np.clip(scaled, -32768, 32767, out=scaled)  # in place: one temporary, not two
-    return scaled.astype(np.int16)
+    return scaled.astype(_I16)
 
 
-def _pack(kind: int, header: dict, payload: np.ndarray) -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+# ---- packing ---------------------------------------------------------------------------------
+
+def _pack(kind: int, items: int, table: list[int], audio: np.ndarray) -> bytes:
+    try:
+        ints = struct.pack(f"<{len(table)}i", *table)  # twice as fast as numpy from a list
+    except struct.error:
+        raise ProtocolError("a binary message's value is not an int32") from None
     # One copy of the audio, into the message itself (join takes the array's buffer).
-    return b"".join((_PREFIX.pack(_MAGIC, VERSION, kind, len(head)), head, payload))
+    return b"".join((_PREFIX.pack(_MAGIC, VERSION, kind, items), ints, audio))
 
 
-def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
+def pack_audio(items: list[tuple[int, int, np.ndarray]]) -> bytes:
+    """(sid, seq, float32 audio in [-1, 1] from int16 frames) per session. One conversion
+    over every session's audio at once: per-session numpy calls cost more than the data."""
+    table: list[int] = []
+    for sid, seq, a in items:
+        table += (sid, seq, len(a))
+    audio = np.concatenate([a for _, _, a in items], dtype=np.float32) if items else np.zeros(0, np.float32)
+    # In place on the message's own copy: temporaries of this size (~250 kB) are fresh
+    # pages from the kernel each time (malloc gives them back between ticks).
+    np.multiply(audio, np.float32(32768.0), out=audio)
+    np.rint(audio, out=audio)
+    return _pack(AUDIO, len(items), table, _clip16(audio))
+
+
+def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
+    table: list[int] = []
+    rows: list[int] = []
+    ids: list[int] = []
+    pcm: list[np.ndarray] = []
+    for sid, seq, chunks in items:
+        table += (sid, seq, len(chunks))
+        for c in chunks:
+            rows += (len(c.text_ids), len(c.speech_codes), len(c.pcm), 1 if c.dropped else 0)
+            ids += c.text_ids
+            ids += c.speech_codes
+            pcm.append(c.pcm)
+    audio = np.concatenate(pcm, dtype=np.float32) if pcm else np.zeros(0, np.float32)
+    np.multiply(audio, np.float32(32768.0), out=audio)  # line_pcm16, on the message's own copy
+    return _pack(RESULTS, len(items), table + rows + ids, _clip16(audio))
+
+
+# ---- unpacking: every count checked before it is used -----------------------------------------
+
+def _items(data: bytes, kind: int) -> int:
+    """The prefix's checks; the number of items."""
     if len(data) < _PREFIX.size:
         raise ProtocolError("a binary message shorter than its prefix")
     magic, version, got, n = _PREFIX.unpack_from(data)
@@ -94,32 +146,90 @@ def _unpack(data: bytes, kind: int) -> tuple[list, memoryview]:
         raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
     if got != kind:
         raise ProtocolError(f"binary message kind {got}, expected {kind}")
-    end = _PREFIX.size + n
+    if n > MAX_ITEMS:
+        raise ProtocolError(f"a binary message of {n} items (at most {MAX_ITEMS})")
+    return n
+
+
+def _rows(data: bytes, at: int, n: int, width: int, what: str) -> np.ndarray:
+    """`n` rows of `width` int32 from `at`, none negative."""
+    end = at + 4 * n * width
     if end > len(data):
-        raise ProtocolError("a binary message's header length runs past its end")
-    try:
-        items = json.loads(bytes(data[_PREFIX.size:end]))["items"]
-    except (ValueError, KeyError, TypeError):
-        raise ProtocolError("a binary message's header is not valid JSON with items") from None
-    if not isinstance(items, list) or len(items) > MAX_ITEMS:
-        raise ProtocolError("a binary message's items are not a list of at most 4096")
-    return items, memoryview(data)[end:]
+        raise ProtocolError(f"a binary message's {what} run past its end")
+    rows = np.frombuffer(data, _I32, n * width, at).reshape(n, width)
+    if n and rows.min() < 0:
+        raise ProtocolError(f"a binary message's {what} hold a negative count, sid or seq")
+    return rows
 
 
-def _is_int(x: object) -> bool:
-    return type(x) is int  # JSON gives int, float, bool, str, None, list or dict: not bool
+def _total(counts: np.ndarray) -> int:
+    return int(counts.sum(dtype=np.int64))  # int32 counts may add up past 2**31
 
 
-def _ints(x: object) -> bool:
-    return type(x) is list and _INT.issuperset(map(type, x))  # one C loop, not one call per value
+def _audio(data: bytes, at: int, samples: int, what: str) -> np.ndarray:
+    """The int16 audio that ends the message, as float32 k / 32768 (what the line makes of
+    it is the int16 sent): one conversion for the whole message, each item a slice."""
+    end = at + 2 * samples
+    if end > len(data):
+        raise ProtocolError(f"{what} samples run past the payload")
+    if end < len(data):
+        raise ProtocolError(f"{what} payload is longer than its items")
+    audio = np.frombuffer(data, _I16, samples, at).astype(np.float32)
+    return np.multiply(audio, _TO_FLOAT, out=audio)
 
+
+def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
+    n = _items(data, AUDIO)
+    table = _rows(data, _PREFIX.size, n, ITEM, "audio items")
+    audio = _audio(data, _PREFIX.size + 4 * ITEM * n, _total(table[:, 2]), "an audio message's")
+    out, at = [], 0
+    for sid, seq, samples in table.tolist():
+        out.append((sid, seq, audio[at:at + samples]))
+        at += samples
+    return out
+
+
+def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
+    n = _items(data, RESULTS)
+    at = _PREFIX.size
+    table = _rows(data, at, n, ITEM, "results items")
+    at += 4 * ITEM * n
+    m = _total(table[:, 2])
+    rows = _rows(data, at, m, CHUNK, "chunks")
+    at += 4 * CHUNK * m
+    if m and rows[:, 3].max() > 1:
+        raise ProtocolError("a chunk's dropped flag is not 0 or 1")
+    k = _total(rows[:, :2])
+    if at + 4 * k > len(data):
+        raise ProtocolError("a results message's ids run past its end")
+    ids = struct.unpack_from(f"<{k}i", data, at)  # a tuple: each chunk's ids a slice; any int32 (-1: silent)
+    audio = _audio(data, at + 4 * k, _total(rows[:, 2]), "a results message's")
+    return _results(table.tolist(), rows.tolist(), ids, audio)
+
+
+def _results(table: list, rows: list, ids: tuple[int, ...],
+             audio: np.ndarray) -> list[tuple[int, int, list[VoiceChunk]]]:
+    """The checked tables as VoiceChunks: each a slice of the ids and of the audio."""
+    out, r, i, p = [], 0, 0, 0
+    for sid, seq, count in table:
+        chunks = []
+        for text, speech, samples, dropped in rows[r:r + count]:
+            j, e = i + text, i + text + speech
+            chunks.append(VoiceChunk(ids[i:j], ids[j:e], audio[p:p + samples], dropped == 1))
+            i, p = e, p + samples
+        r += count
+        out.append((sid, seq, chunks))
+    return out
+
+
+# ---- batching ---------------------------------------------------------------------------------
 
 def audio_bytes(item: tuple[int, int, np.ndarray]) -> int:
     return 2 * len(item[2])
 
 
 def result_bytes(item: tuple[int, int, list[VoiceChunk]]) -> int:
-    return 2 * sum(len(c.pcm) for c in item[2])
+    return 2 * sum([len(c.pcm) for c in item[2]])  # a list: cheaper than a generator for a chunk or two
 
 
 T = TypeVar("T")
@@ -140,74 +250,6 @@ def pieces(items: list[T], nbytes: Callable[[T], int], limit: int | None = None)
         size += n
     if piece:
         yield piece
-
-
-def pack_audio(items: list[tuple[int, int, np.ndarray]]) -> bytes:
-    """(sid, seq, float32 audio in [-1, 1] from int16 frames) per session. One conversion
-    over every session's audio at once: per-session numpy calls cost more than the data."""
-    header = {"items": [[sid, seq, len(a)] for sid, seq, a in items]}
-    audio = np.concatenate([a for _, _, a in items], dtype=np.float32) if items else np.zeros(0, np.float32)
-    # In place on the message's own copy: temporaries of this size (~250 kB) are fresh
-    # pages from the kernel each time (malloc gives them back between ticks).
-    np.multiply(audio, np.float32(32768.0), out=audio)
-    np.rint(audio, out=audio)
-    np.clip(audio, -32768, 32767, out=audio)
-    return _pack(AUDIO, header, audio.astype("<i2"))
-
-
-def unpack_audio(data: bytes) -> list[tuple[int, int, np.ndarray]]:
-    items, payload = _unpack(data, AUDIO)
-    out, at = [], 0
-    for item in items:
-        if not (_ints(item) and len(item) == 3):
-            raise ProtocolError("an audio item is not [sid, seq, samples]")
-        sid, seq, n = item
-        if n < 0 or at + 2 * n > len(payload):
-            raise ProtocolError("an audio item's samples run past the payload")
-        out.append((sid, seq, at // 2, n))
-        at += 2 * n
-    if at != len(payload):
-        raise ProtocolError("an audio message's payload is longer than its items")
-    # One conversion for the whole message; each session gets its own slice of it.
-    audio = np.multiply(np.frombuffer(payload, dtype="<i2"), _TO_FLOAT, dtype=np.float32)
-    return [(sid, seq, audio[start:start + n]) for sid, seq, start, n in out]
-
-
-def pack_results(items: list[tuple[int, int, list[VoiceChunk]]]) -> bytes:
-    header, pcm = [], []
-    for sid, seq, chunks in items:
-        header.append([sid, seq, [[c.text_ids, c.speech_codes, bool(c.dropped), len(c.pcm)] for c in chunks]])
-        pcm += [c.pcm for c in chunks]
-    audio = line_pcm16(np.concatenate(pcm)) if pcm else np.zeros(0, np.int16)
-    return _pack(RESULTS, {"items": header}, audio.astype("<i2", copy=False))
-
-
-def unpack_results(data: bytes) -> list[tuple[int, int, list[VoiceChunk]]]:
-    items, payload = _unpack(data, RESULTS)
-    out, at = [], 0
-    for item in items:
-        if not (type(item) is list and len(item) == 3 and _is_int(item[0]) and _is_int(item[1])
-                and type(item[2]) is list):
-            raise ProtocolError("a results item is not [sid, seq, [[text, speech, dropped, samples], ...]]")
-        sid, seq, chunks = item
-        got = []
-        for chunk in chunks:
-            if not (type(chunk) is list and len(chunk) == 4 and _ints(chunk[0]) and _ints(chunk[1])
-                    and type(chunk[2]) is bool and _is_int(chunk[3])):
-                raise ProtocolError("a result is not [text_ids, speech_codes, dropped, samples]")
-            text_ids, speech_codes, dropped, n = chunk
-            if n < 0 or at + 2 * n > len(payload):
-                raise ProtocolError("a result's samples run past the payload")
-            got.append((tuple(text_ids), tuple(speech_codes), dropped, at // 2, n))
-            at += 2 * n
-        out.append((sid, seq, got))
-    if at != len(payload):
-        raise ProtocolError("a results message's payload is longer than its items")
-    # One conversion for the whole message (float32, k / 32768: what the line makes of it
-    # is the int16 sent); each chunk a slice.
-    audio = np.multiply(np.frombuffer(payload, dtype="<i2"), _TO_FLOAT, dtype=np.float32)
-    return [(sid, seq, [VoiceChunk(text, speech, audio[start:start + n], dropped)
-                        for text, speech, dropped, start, n in got]) for sid, seq, got in out]
 
 
 class PerPass(Generic[T]):

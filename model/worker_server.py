@@ -19,6 +19,7 @@ connect over one WebSocket each and run their calls' sessions on this process's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -318,7 +319,7 @@ class _Link:
             except StaleSession:
                 self._closed(sid, "stale")
                 continue
-            fut.add_done_callback(lambda f, sid=sid, seq=seq: self._result(sid, seq, f))
+            fut.add_done_callback(functools.partial(self._result, sid, seq))  # C: no Python frame of its own
 
     def _result(self, sid: int, seq: int, fut: asyncio.Future) -> None:
         if fut.cancelled() or sid not in self.sessions:

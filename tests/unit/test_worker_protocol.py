@@ -1,13 +1,14 @@
 """The bridge-worker protocol's messages (model/worker_protocol.py, docs/worker.md): what is
 packed is what is unpacked (callers' audio, which came from int16 frames, sample for
 sample; the decoder's audio as the 16 bits the bridge's line plays, and the line plays it
-exactly as it plays the decoder's float32), and every malformed message raises
-ProtocolError (the connection is closed), never another exception or a wrong value."""
+exactly as it plays the decoder's float32), the bytes are the layout docs/worker.md
+describes (messages built here by hand, with struct, not by the module), and every
+malformed message raises ProtocolError (the connection is closed), never another
+exception or a wrong value."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import struct
 from types import SimpleNamespace
@@ -21,18 +22,51 @@ from model.worker_protocol import (AUDIO, MAX_ITEMS, PIECE_BYTES, RESULTS, VERSI
                                    line_pcm16, pack_audio, pack_results, parse_control, pieces, unpack_audio,
                                    unpack_results)
 
-PREFIX = struct.Struct("<2sBBI")
+PREFIX = struct.Struct("<2sBBI")  # b"DL", version, kind, items
+INT32_MAX = 2**31 - 1
 
 
-def frames_audio(samples: np.ndarray) -> np.ndarray:
+def frames_audio(samples) -> np.ndarray:
     """What the agent hands a session: int16 frames times 1/32768, float32."""
-    return samples.astype(np.int16) * np.float32(1.0 / 32768.0)
+    return np.asarray(samples).astype(np.int16) * np.float32(1.0 / 32768.0)
 
 
-def raw(kind: int, header, payload: bytes = b"", *, magic: bytes = b"DL", version: int = VERSION,
-        head_len: int | None = None) -> bytes:
-    head = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return PREFIX.pack(magic, version, kind, len(head) if head_len is None else head_len) + head + payload
+def raw(kind: int, items: int, ints=(), samples=(), *, magic: bytes = b"DL", version: int = VERSION) -> bytes:
+    """A binary message by hand: the prefix, int32s (the tables, the ids), int16 samples."""
+    return (PREFIX.pack(magic, version, kind, items) + struct.pack(f"<{len(ints)}i", *ints)
+            + struct.pack(f"<{len(samples)}h", *samples))
+
+
+# ---- the layout ------------------------------------------------------------------------------------
+
+
+def test_audio_message_is_the_documented_layout():
+    items = [(7, 9, frames_audio([1, -2, 32767])), (8, 10, frames_audio([])), (INT32_MAX, INT32_MAX,
+                                                                                frames_audio([-32768]))]
+    assert pack_audio(items) == raw(AUDIO, 3, [7, 9, 3, 8, 10, 0, INT32_MAX, INT32_MAX, 1], [1, -2, 32767, -32768])
+
+
+def test_results_message_is_the_documented_layout():
+    items = [(3, 10, [VoiceChunk((5, 6), (-1, 4095, 0), frames_audio([100, -100])),
+                      VoiceChunk((), (7,), frames_audio([32767]), dropped=True)]),
+             (4, 11, []),
+             (5, 12, [VoiceChunk((1,), (), frames_audio([]))])]
+    table = [3, 10, 2, 4, 11, 0, 5, 12, 1]
+    chunks = [2, 3, 2, 0, 0, 1, 1, 1, 1, 0, 0, 0]  # text ids, speech codes, samples, dropped
+    ids = [5, 6, -1, 4095, 0, 7, 1]
+    assert pack_results(items) == raw(RESULTS, 3, table + chunks + ids, [100, -100, 32767])
+
+
+def test_hand_built_results_unpack_as_documented():
+    got = unpack_results(raw(RESULTS, 2, [1, 2, 1, 9, 8, 2] + [1, 2, 3, 0, 0, 1, 0, 1, 0, 0, 2, 0]
+                             + [40, -1, 4095, 77], [1, -1, 32767, -32768, 0]))
+    assert [(sid, seq, len(c)) for sid, seq, c in got] == [(1, 2, 1), (9, 8, 2)]
+    first, second, third = got[0][2][0], *got[1][2]
+    assert (first.text_ids, first.speech_codes, first.dropped) == ((40,), (-1, 4095), False)
+    assert first.pcm.tolist() == [1 / 32768, -1 / 32768, 32767 / 32768]
+    assert (second.text_ids, second.speech_codes, second.dropped, len(second.pcm)) == ((), (77,), True, 0)
+    assert (third.text_ids, third.speech_codes, third.dropped) == ((), (), False)
+    assert third.pcm.tolist() == [-1.0, 0.0]
 
 
 # ---- round trips -----------------------------------------------------------------------------------
@@ -44,9 +78,10 @@ def test_audio_round_trip_is_exact_for_every_int16_value():
     items = [(1, 7, frames_audio(every)),
              (42, 1, frames_audio(rng.integers(-32768, 32768, 3520))),  # a first chunk (with look-ahead)
              (3, 99, frames_audio(np.zeros(0))),  # nothing: allowed
-             (2**31, 2**40, frames_audio(np.array([-32768, 32767, 0, 1, -1])))]
+             (INT32_MAX, INT32_MAX, frames_audio(np.array([-32768, 32767, 0, 1, -1])))]
     back = unpack_audio(pack_audio(items))
     assert [(sid, seq) for sid, seq, _ in back] == [(sid, seq) for sid, seq, _ in items]
+    assert all(type(sid) is int and type(seq) is int for sid, seq, _ in back)
     for (_, _, sent), (_, _, got) in zip(items, back):
         assert got.dtype == np.float32
         assert got.shape == sent.shape
@@ -57,6 +92,12 @@ def test_audio_round_trip_is_exact_for_every_int16_value():
 def test_audio_out_of_range_is_clipped_not_wrapped():
     (_, _, got), = unpack_audio(pack_audio([(1, 1, np.array([1.5, -1.5, 1.0, -1.0], np.float32))]))
     assert got.tolist() == [32767 / 32768, -1.0, 32767 / 32768, -1.0]
+
+
+def test_audio_between_int16_steps_is_rounded_to_the_nearest():
+    steps = np.array([0.4, 0.6, -0.4, -0.6, 1.5, 2.5, 32766.7, -32767.6], np.float32) / np.float32(32768)
+    (_, _, got), = unpack_audio(pack_audio([(1, 1, steps)]))
+    assert (got * 32768).tolist() == [0, 1, 0, -1, 2, 2, 32767, -32768]  # half to even, as np.rint
 
 
 def test_empty_audio_message_round_trips():
@@ -71,7 +112,7 @@ def test_results_round_trip_is_what_the_line_makes_of_the_audio():
     weird = np.array([np.inf, -np.inf, -0.0, 1e-45, np.finfo(np.float32).max, -1.0, 1.0, 0.99999, -0.99999,
                       np.nan], np.float32)
     chunks_a = [VoiceChunk((5, 6, 7), (100, -1, 4095, 0), rng.standard_normal(4800).astype(np.float32)),
-                VoiceChunk((0,), (-1, -1), weird, dropped=True)]
+                VoiceChunk((0, INT32_MAX), (-1, -1), weird, dropped=True)]
     chunks_b = [VoiceChunk((), (), np.zeros(0, np.float32))]
     items = [(3, 10, chunks_a), (4, 11, chunks_b), (5, 12, [])]
     with np.errstate(over="ignore", invalid="ignore"):  # inf and nan: what the line would make of them
@@ -80,13 +121,23 @@ def test_results_round_trip_is_what_the_line_makes_of_the_audio():
     assert [(sid, seq, len(c)) for sid, seq, c in back] == [(3, 10, 2), (4, 11, 1), (5, 12, 0)]
     for (_, _, sent), (_, _, got), want in zip(items, back, expected):
         for s, g, w in zip(sent, got, want):
-            assert g.text_ids == s.text_ids and g.speech_codes == s.speech_codes and g.dropped == s.dropped
+            assert g.text_ids == s.text_ids and g.speech_codes == s.speech_codes and g.dropped is s.dropped
+            assert type(g.text_ids) is tuple and type(g.speech_codes) is tuple
             assert all(type(t) is int for t in g.text_ids + g.speech_codes)
             assert g.pcm.dtype == np.float32 and g.pcm.shape == s.pcm.shape
             assert g.pcm.tobytes() == (w * np.float32(1 / 32768)).astype(np.float32).tobytes()
     assert back[0][2][1].pcm[:-1].tolist() == [32767 / 32768, -1.0, 0.0, 0.0, 32767 / 32768, -1.0, 32767 / 32768,
                                                32767 / 32768, -32767 / 32768]  # clipped, truncated
     assert not np.array_equal(back[0][2][0].pcm, chunks_a[0].pcm)  # 16 bits, not the float itself
+
+
+@pytest.mark.parametrize("sid, seq, ids", [(2**31, 1, ()), (1, 2**31, ()), (1, 1, (2**31,)), (1, 1, (-2**31 - 1,))])
+def test_values_outside_int32_are_refused_when_packed(sid, seq, ids):
+    with pytest.raises(ProtocolError, match="int32"):
+        pack_results([(sid, seq, [VoiceChunk(ids, (), np.zeros(1, np.float32))])])
+    if not ids:
+        with pytest.raises(ProtocolError, match="int32"):
+            pack_audio([(sid, seq, np.zeros(1, np.float32))])
 
 
 def line_plays(pcm: np.ndarray, rate: int = 22050) -> np.ndarray:
@@ -110,9 +161,11 @@ def test_line_pcm16_is_what_the_line_plays():
                           np.array([np.inf, -np.inf, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32)])
     with np.errstate(over="ignore"):
         sent = line_pcm16(pcm)
+        packed = unpack_results(pack_results([(1, 1, [VoiceChunk((), (), pcm)])]))[0][2][0].pcm
     played = line_plays(pcm)
     assert np.array_equal(played, line_plays(sent * np.float32(1 / 32768)))
     assert np.array_equal(played, sent)
+    assert np.array_equal(packed, sent * np.float32(1 / 32768))  # pack_results converts as line_pcm16 does
     assert len(np.unique(played)) == 65536  # every int16 value came up: the comparison covers them
 
 
@@ -123,101 +176,110 @@ def test_control_round_trip():
 
 # ---- malformed messages ----------------------------------------------------------------------------
 
-GOOD_AUDIO = pack_audio([(1, 1, frames_audio(np.arange(10)))])
-GOOD_RESULTS = pack_results([(1, 1, [VoiceChunk((1,), (2,), np.ones(4, np.float32))])])
+GOOD_AUDIO = pack_audio([(1, 1, frames_audio(np.arange(10))), (2, 1, frames_audio(np.arange(3)))])
+GOOD_RESULTS = pack_results([(1, 1, [VoiceChunk((1,), (2, 3), np.ones(4, np.float32))]),
+                             (2, 1, [VoiceChunk((4,), (), np.ones(2, np.float32), dropped=True)])])
+TABLE_BYTES = {AUDIO: 4 * 6, RESULTS: 4 * (6 + 8 + 4)}  # the int32s before the samples in the two above
 
 
-@pytest.mark.parametrize("unpack, good", [(unpack_audio, GOOD_AUDIO), (unpack_results, GOOD_RESULTS)],
+@pytest.mark.parametrize("kind, unpack, good", [(AUDIO, unpack_audio, GOOD_AUDIO), (RESULTS, unpack_results,
+                                                                                     GOOD_RESULTS)],
                          ids=["audio", "results"])
 class TestMalformedBinary:
-    def test_good_message_parses(self, unpack, good):
-        assert len(unpack(good)) == 1
+    def test_good_message_parses(self, kind, unpack, good):
+        assert len(unpack(good)) == 2
+        assert len(good) == PREFIX.size + TABLE_BYTES[kind] + 2 * (13 if kind == AUDIO else 6)
 
-    def test_wrong_magic(self, unpack, good):
+    def test_wrong_magic(self, kind, unpack, good):
         with pytest.raises(ProtocolError, match="prefix"):
             unpack(b"XL" + good[2:])
 
-    def test_wrong_version(self, unpack, good):
-        for version in (0, VERSION + 1, 255):
+    def test_wrong_version(self, kind, unpack, good):
+        for version in (0, 2, VERSION + 1, 255):
             with pytest.raises(ProtocolError, match="version"):
                 unpack(good[:2] + bytes([version]) + good[3:])
 
-    def test_wrong_kind(self, unpack, good):
-        other = RESULTS if unpack is unpack_audio else AUDIO
-        for kind in (other, 0, 3, 255):
+    def test_wrong_kind(self, kind, unpack, good):
+        for other in ({AUDIO, RESULTS} - {kind}).pop(), 0, 3, 255:
             with pytest.raises(ProtocolError, match="kind"):
-                unpack(good[:3] + bytes([kind]) + good[4:])
+                unpack(good[:3] + bytes([other]) + good[4:])
 
-    def test_shorter_than_prefix(self, unpack, good):
+    def test_shorter_than_prefix(self, kind, unpack, good):
         for n in range(PREFIX.size):
-            with pytest.raises(ProtocolError):
+            with pytest.raises(ProtocolError, match="prefix"):
                 unpack(good[:n])
 
-    def test_header_not_json(self, unpack, good):
-        kind = AUDIO if unpack is unpack_audio else RESULTS
-        for header in (b"not json", b"\xff\xfe{}", b"", b'{"items": [1, 2', b"[]", b'"items"', b"{}", b"null",
-                       b'{"items": {"a": 1}}', b'{"items": 7}'):
-            with pytest.raises(ProtocolError):
-                unpack(raw(kind, header))
+    def test_truncated_anywhere(self, kind, unpack, good):
+        # Cut in the tables, the ids or the samples: refused, never read short.
+        for n in range(PREFIX.size, len(good)):
+            with pytest.raises(ProtocolError, match="past"):
+                unpack(good[:n])
 
-    def test_header_length_past_the_message(self, unpack, good):
-        n = PREFIX.unpack_from(good)[3]
-        body = good[PREFIX.size:]
-        for extra in (1, 100, 2**32 - 1 - n):
-            with pytest.raises(ProtocolError):
-                unpack(good[:4] + struct.pack("<I", n + extra) + body)
-
-    def test_header_length_past_the_message_with_an_empty_payload(self, unpack, good):
-        # The header alone is valid JSON: a length past the end must still be refused.
-        kind = AUDIO if unpack is unpack_audio else RESULTS
-        head = b'{"items":[]}'
-        with pytest.raises(ProtocolError):
-            unpack(raw(kind, head, head_len=len(head) + 8))
-
-    def test_samples_past_the_payload(self, unpack, good):
-        with pytest.raises(ProtocolError, match="past"):
-            unpack(good[:-1])
-        with pytest.raises(ProtocolError, match="past"):
-            unpack(good[:-4])
-
-    def test_trailing_bytes(self, unpack, good):
-        for extra in (b"\x00", b"\x00" * 4, b"junk" * 100):
-            with pytest.raises(ProtocolError):
+    def test_trailing_bytes(self, kind, unpack, good):
+        for extra in (b"\x00", b"\x00" * 2, b"\x00" * 4, b"junk" * 100):
+            with pytest.raises(ProtocolError, match="longer"):
                 unpack(good + extra)
 
-    def test_too_many_items(self, unpack, good):
-        kind = AUDIO if unpack is unpack_audio else RESULTS
-        item = [1, 1, 0] if unpack is unpack_audio else [1, 1, []]
-        assert len(unpack(raw(kind, {"items": [item] * MAX_ITEMS}))) == MAX_ITEMS
-        with pytest.raises(ProtocolError, match="items"):
-            unpack(raw(kind, {"items": [item] * (MAX_ITEMS + 1)}))
+    def test_item_count_past_the_table(self, kind, unpack, good):
+        for items in (3, 100, MAX_ITEMS):
+            with pytest.raises(ProtocolError):
+                unpack(good[:4] + struct.pack("<I", items) + good[8:])
+
+    def test_too_many_items(self, kind, unpack, good):
+        empty = [1, 1, 0] * MAX_ITEMS  # sessions with nothing: allowed, up to MAX_ITEMS
+        assert len(unpack(raw(kind, MAX_ITEMS, empty))) == MAX_ITEMS
+        for items in (MAX_ITEMS + 1, 2**32 - 1):
+            with pytest.raises(ProtocolError, match="items"):
+                unpack(raw(kind, items, empty + [1, 1, 0]))
+
+    def test_negative_sid_or_seq(self, kind, unpack, good):
+        for at in (0, 1, 3, 4):  # sid, seq of the first and the second item
+            with pytest.raises(ProtocolError, match="negative"):
+                unpack(poke(good, at, -1))
+
+    def test_negative_or_huge_count(self, kind, unpack, good):
+        # The first item's samples (audio) or chunks (results): below zero, or past the
+        # payload however large (int32 sums cannot wrap round to a plausible length).
+        for count in (-1, -2**31, 2**31 - 1, 2**30):
+            with pytest.raises(ProtocolError, match="negative|past"):
+                unpack(poke(good, 2, count))
+        every = raw(kind, 3, [1, 1, INT32_MAX] * 3)
+        with pytest.raises(ProtocolError, match="past"):
+            unpack(every)
 
 
-@pytest.mark.parametrize("item", [[1, 1], [1, 1, 2, 3], [1, "x", 0], 7, None, {"sid": 1}, "123", [1, 1, -1],
-                                  [1, 1, None], [1.5, 1, 0], [1, 1, 0.5], [1, 1, 2.0], [True, 1, 0], [1, 1, True],
-                                  ["1", 1, 0], [1, [1], 0]])
-def test_bad_audio_item(item):
-    # Whatever the payload (none, or as long as a loose reading of the item would want),
-    # a malformed item is refused, never read as something else.
-    loose = 2 * int(item[2]) if isinstance(item, list) and len(item) == 3 and isinstance(item[2], (int, float)) \
-        and item[2] >= 0 else 6
-    for payload in (b"", b"\x00" * loose):
-        with pytest.raises(ProtocolError):
-            unpack_audio(raw(AUDIO, {"items": [item]}, payload))
+def poke(message: bytes, index: int, value: int) -> bytes:
+    """`message` with its int32 number `index` (after the prefix) set to `value`."""
+    at = PREFIX.size + 4 * index
+    return message[:at] + struct.pack("<i", value) + message[at + 4:]
 
 
-@pytest.mark.parametrize("item", [
-    [1, 1], [1, 1, [], 4], 7, None, "abc", [1, 1, 5], [1, 1, [5]], [1, 1, [[[1], [2], False]]],
-    [1, 1, [[[1], [2], False, -1]]], [1, 1, [[[1], [2], False, "4"]]], [1, 1, [[[1], [2], False, 1.5]]],
-    [1, 1, [[1, [2], False, 1]]], [1, 1, [[["a"], [2], False, 1]]], [1, 1, [[[1], [2.5], False, 1]]],
-    [1, 1, [[[1], [2], "yes", 1]]], [1, 1, [[[1], [2], 0, 1]]], ["1", 1, []], [1, None, []], [True, 1, []],
-    [1, 1, [[[1], [2], False, 1]], 9], [1, 1, [[[1], [2], False, True]]], [1, 1, [[[True], [2], False, 1]]],
-    [1, 1, [[[1], 2, False, 1]]], [1, 1, [["12", [2], False, 1]]], [1, 1, [[[1], [2], False, 1, 0]]],
-])
-def test_bad_results_item(item):
-    for payload in (b"", b"\x00" * 4):
-        with pytest.raises(ProtocolError):
-            unpack_results(raw(RESULTS, {"items": [item]}, payload))
+@pytest.mark.parametrize("index", [6, 7, 8, 10, 11, 12])  # text, speech, samples of either chunk
+@pytest.mark.parametrize("value", [-1, -2**31, 2**31 - 1, 1000])
+def test_bad_chunk_count(index, value):
+    with pytest.raises(ProtocolError, match="negative|past|longer"):
+        unpack_results(poke(GOOD_RESULTS, index, value))
+
+
+@pytest.mark.parametrize("value", [2, -1, 255, 2**31 - 1])
+def test_dropped_flag_is_0_or_1(value):
+    for index in (9, 13):
+        with pytest.raises(ProtocolError, match="negative|dropped"):
+            unpack_results(poke(GOOD_RESULTS, index, value))
+
+
+def test_counts_shifted_between_chunks_are_refused_or_read_as_sent():
+    # Samples moved from one chunk to the other still add up: a different message, read
+    # as exactly that (the tables say where each chunk's audio is), never past its end.
+    moved = unpack_results(poke(poke(GOOD_RESULTS, 8, 5), 12, 1))
+    assert [len(c.pcm) for _, _, cs in moved for c in cs] == [5, 1]
+    with pytest.raises(ProtocolError):
+        unpack_results(poke(GOOD_RESULTS, 8, 5))  # one more sample than the payload holds
+
+
+def test_ids_may_be_negative_counts_may_not():
+    # Speech codes are -1 when silent: ids are any int32; a count is never negative.
+    assert unpack_results(poke(GOOD_RESULTS, 14, -2**31))[0][2][0].text_ids == (-2**31,)
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[]", '"ping"', "7", '{"sid": 1}', '{"t": 3}', '{"t": null}',
