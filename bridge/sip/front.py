@@ -116,7 +116,10 @@ class SipFront:
                  choose: Callable[[], tuple[str, int]] | None = None, pending: PendingInvites | None = None,
                  tcp_max_connections: int = 1024, tcp_idle_timeout: float = 60.0,
                  on_refused: Callable[[Refusal], None] | None = None,
-                 tls_listen: tuple[str, int] | None = None, tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_listen: tuple[str, int] | None = None, tls_context: ssl.SSLContext | None = None,
+                 stack_rate: RateLimiter | None = None) -> None:
+        """`stack_rate`: new INVITEs this process's stack takes per second, from all sources
+        together (None: as many as the other limits let through)."""
         self.host = host
         self.tls_listen = tls_listen if tls_context is not None else None
         self.tls_context = tls_context
@@ -127,6 +130,7 @@ class SipFront:
         self.metrics = metrics
         self.allow = allow
         self.limiter = limiter
+        self.stack_rate = stack_rate
         self.auth = auth
         self.draining = draining
         self.shared_listen = shared_listen
@@ -331,6 +335,14 @@ class SipFront:
             self._reply(msg, key, conn, 503, "Service Unavailable (too many pending calls)",
                         extra=[("Retry-After", str(_RETRY_AFTER_PENDING))])
             self._refused(msg, called, wire, 503, "too-many-pending", route.name)
+            return
+        if self.stack_rate is not None and not self.stack_rate.allow("stack"):
+            m.labels(outcome="pending_limit").inc()
+            self.metrics.refused.labels(reason="stack_rate").inc()
+            self._warn("the SIP stack's INVITE rate (%g a second): refusing a call from %s", self.stack_rate.rate, host)
+            self._reply(msg, key, conn, 503, "Service Unavailable (too many new calls)",
+                        extra=[("Retry-After", str(self.stack_rate.retry_after))])
+            self._refused(msg, called, wire, 503, "stack-rate", route.name)
             return
         upstream = self.choose() if self.choose is not None else self.upstream
         if self.draining() and upstream == self.upstream:  # no sibling takes it either

@@ -149,7 +149,7 @@ class SipLeg:
                                   tcp_max_connections=self.sip.tcp_max_connections,
                                   tcp_idle_timeout=self.sip.tcp_idle_timeout, on_refused=self._front_refused,
                                   tls_listen=(tls.host, tls.port) if tls is not None else None,
-                                  tls_context=tls_context)
+                                  tls_context=tls_context, stack_rate=_stack_rate(self.sip.backend))
             await self.front.start()
             self.ticker.start()
         except BaseException:
@@ -403,3 +403,8 @@ def _refuse_on_pjsua2(tls: bool, routes: RouteTable) -> None:
     if demanding:
         raise ConfigError("sip_routes", ",".join(demanding), "srtp required is refused on --sip-backend pjsua2 "
                           "(no SRTP on the wheel's OpenSSL 1.0.2k); use --sip-backend baresip")
+
+
+def _stack_rate(backend: str) -> RateLimiter | None:
+    rate = backends.INVITE_RATE[backend]
+    return RateLimiter(rate, burst=rate) if rate is not None else None

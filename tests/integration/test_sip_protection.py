@@ -149,3 +149,20 @@ def test_a_call_beyond_sip_max_calls_gets_486_and_the_first_goes_on(workdir, sip
             assert server.get(f"/calls/{call_id}")[1]["state"] == "active"
             first.hangup()
             first.wait_event("CALL_CLOSED", timeout=10)
+
+
+def test_new_calls_beyond_the_stacks_own_rate_get_503_and_the_bridge_stays_up(workdir, sip_backend):
+    # pjsua2's wheel aborts when a burst of INVITEs uses up its 64 socket handles
+    # (bridge/sip/backends/__init__.py, INVITE_RATE): its front door takes 10 a second.
+    with BridgeProcess("--agent", "echo", "--rtp-ports", "22000-22999", "--sip-backend", sip_backend,
+                       workdir=workdir) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            replies = [sip_request(server.sip_port, sock=sock) for _ in range(30)]
+        limited = [r for r in replies if r.status == 503 and "new calls" in r.reason]
+        if sip_backend == "pjsua2":
+            assert len(limited) >= 10, [(r.status, r.reason) for r in replies]
+            assert all(r.headers.get("retry-after", "").isdigit() for r in limited)
+        else:
+            assert not limited
+        assert server.proc.poll() is None and server.get("/healthz")[0] == 200, server.log()

@@ -10,6 +10,7 @@
     TORTURE_BISECT=1                  a short run also bisects a bad SIGTERM exit to its case
     TORTURE_TCP_IDLE_S=S              by when idle half-sent TCP connections must be closed
                                       (default 40)
+    TORTURE_SIP_BACKEND=pjsua2        the bridges run the second SIP stack (--sip-backend)
     python -m tests.torture.replay    fuzz cases against a fresh bridge: one, a range, or a
                                       bisection (--help)
 

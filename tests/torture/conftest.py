@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration.netns import NetNs, require_netns
 
-from .harness import REPORT, SCALE, SEED
+from .harness import REPORT, SCALE, SEED, SIP_BACKEND
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,8 @@ def torture_dir(tmp_path_factory) -> Path:
 
 
 def pytest_report_header(config):
-    return f"torture: scale {SCALE.name}, seed {SEED} (TORTURE_SCALE, TORTURE_SEED)"
+    return (f"torture: scale {SCALE.name}, seed {SEED}, SIP stack {SIP_BACKEND} "
+            "(TORTURE_SCALE, TORTURE_SEED, TORTURE_SIP_BACKEND)")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

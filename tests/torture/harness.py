@@ -91,6 +91,11 @@ def _scale() -> Scale:
     return scale
 
 
+# The SIP stack behind the front door (--sip-backend): TORTURE_SIP_BACKEND=pjsua2 runs the
+# tier against the second stack.
+SIP_BACKEND = os.environ.get("TORTURE_SIP_BACKEND", "baresip").strip() or "baresip"
+
+
 def _seed(scale: Scale) -> int:
     text = os.environ.get("TORTURE_SEED", "").strip()
     if text:
@@ -210,7 +215,7 @@ class TortureBridge:
         self.log_path = workdir / f"bridge-{name}.log"
         self.log = LogWatch(self.log_path)
         self.args = ("--agent", "echo", "--rtp-ports", f"{RTP_RANGE[0]}-{RTP_RANGE[1]}", "--drain-timeout", "10",
-                     *args)
+                     "--sip-backend", SIP_BACKEND, *args)
         self.server: NsServer | None = None
 
     @property

@@ -32,6 +32,7 @@ import asyncio
 import ctypes
 import logging
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -54,7 +55,13 @@ PTIME_US = 20000
 FRAME_BYTES = RATE // 50 * 2
 JITTER_MS = (40, 20, 60)  # the receive jitter buffer's start, least and most prefetch
 POLL_SECONDS = 0.005  # SIP and RTP sockets are read this often (the jitter buffer absorbs it)
-STATS_SECONDS = 5.0  # pjsua2 has no RTCP event: the streams' statistics are read this often
+STATS_SECONDS = 5.0  # pjsua2 has no RTCP event: the streams' statistics are reported this often
+# The bridge hands our port a frame every 20 ms whether RTP arrives or not (the jitter
+# buffer fills in), so "the caller sent audio" is read from the stream's packet count, this
+# often; audio read more than HEARD_SECONDS after the last new packet is dropped, as the
+# baresip backend returns nothing then (the media timeout and dead air depend on it).
+PACKETS_SECONDS = 0.1
+HEARD_SECONDS = 0.3
 _frame_bytes: "Callable[[pj.ByteVector], bytes]" = bytes  # the fast reader once start() proved it
 _POLL_BATCH = 64  # events handled in one poll at most
 # Each way at most 4 frames (80 ms) wait between the clock thread and the ticker, the newest
@@ -168,9 +175,11 @@ class Stack:
         self._poller: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._since_stats = 0.0
+        self._next_packets = self._next_stats = 0.0
         self._codecs: tuple[str, ...] = ()  # the first account's, for the whole process
         self._handles: list[StackAccount] = []
+        self._all_ports: list[_Port] = []  # one per concurrent call at most, reused (see _Port)
+        self._free_ports: list[_Port] = []
 
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
                     log_level: str = "warning", tls_config: str = "") -> None:
@@ -248,11 +257,14 @@ class Stack:
                     break
         except Exception:  # a failing callback is logged where it failed; the poll goes on
             log.exception("pjsua2 event poll failed")
-        self._since_stats += POLL_SECONDS
-        if self._since_stats >= STATS_SECONDS:
-            self._since_stats = 0.0
+        now = time.monotonic()
+        if now >= self._next_packets:
+            report = now >= self._next_stats
+            self._next_packets = now + PACKETS_SECONDS
+            if report:
+                self._next_stats = now + STATS_SECONDS
             for call in list(self._calls):
-                call._report_stats()
+                call._read_stats(now, report)
         self._poller = loop.call_later(POLL_SECONDS, self._poll)
 
     async def close(self) -> None:
@@ -332,6 +344,17 @@ class Stack:
         handle = StackAccount(self, account, spec)
         self._handles.append(handle)
         return handle
+
+    def _take_port(self) -> _Port:
+        port = self._free_ports.pop() if self._free_ports else _Port(f"line{len(self._all_ports)}")
+        if port not in self._all_ports:
+            self._all_ports.append(port)
+        port.reset(active=True)
+        return port
+
+    def _give_port(self, port: _Port) -> None:
+        port.reset(active=False)
+        self._free_ports.append(port)
 
     def _adopt(self, call: "StackCall") -> None:
         self._calls.add(call)
@@ -431,20 +454,37 @@ class StackAccount:
 
 
 class _Port(pj.AudioMediaPort):
-    """One call's PCM at 16 kHz, exchanged with the conference bridge's clock thread."""
+    """A call's PCM at 16 kHz, exchanged with the conference bridge's clock thread.
 
-    def __init__(self) -> None:
+    Ports are pooled by the stack, never destroyed while it runs: pjproject 2.15's bridge
+    applies a port's removal at its next tick, so a port destroyed at once was still called
+    by the clock thread after Python freed it (the torture tier's UDP fuzz: a callback on a
+    half-freed object, then SIGSEGV). A port between calls takes and gives nothing."""
+
+    def __init__(self, name: str) -> None:
         super().__init__()
         self.lock = threading.Lock()
         self.rx = bytearray()
         self.tx = bytearray()
+        self.active = False
         _PJ_OBJECTS.add(self)
+        fmt = pj.MediaFormatAudio()
+        fmt.init(pj.PJMEDIA_FORMAT_PCM, RATE, 1, PTIME_US, 16)
+        self.createPort(name, fmt)
+
+    def reset(self, active: bool) -> None:
+        with self.lock:
+            self.rx.clear()
+            self.tx.clear()
+            self.active = active
 
     def onFrameReceived(self, frame) -> None:  # clock thread
         try:
             if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
                 data = _frame_bytes(frame.buf)[:frame.size]
                 with self.lock:
+                    if not self.active:
+                        return
                     self.rx += data
                     if len(self.rx) > _RX_MAX:  # nobody reads: keep the newest
                         del self.rx[:len(self.rx) - _RX_MAX]
@@ -454,7 +494,7 @@ class _Port(pj.AudioMediaPort):
     def onFrameRequested(self, frame) -> None:  # clock thread
         try:
             with self.lock:
-                if len(self.tx) < FRAME_BYTES:
+                if not self.active or len(self.tx) < FRAME_BYTES:
                     return  # nothing queued: the bridge plays silence
                 data = bytes(self.tx[:FRAME_BYTES])
                 del self.tx[:FRAME_BYTES]
@@ -530,6 +570,8 @@ class StackCall:
         self._rtcp: list[Callable[[RtpStats], None]] = []
         self._port: _Port | None = None
         self._media_index = -1
+        self._rx_packets = 0
+        self._heard_until = 0.0
         self._alive = True  # False once pjsua disconnected it: no pj call may name it again
         self._confirmed = False
         self._remote_hold = False
@@ -631,11 +673,7 @@ class StackCall:
         """The call's audio to and from our port (again after a re-INVITE replaced it)."""
         audio = self._call.getAudioMedia(index)
         if self._port is None:
-            fmt = pj.MediaFormatAudio()
-            fmt.init(pj.PJMEDIA_FORMAT_PCM, RATE, 1, PTIME_US, 16)
-            port = _Port()
-            port.createPort(f"call{self._call.getId()}", fmt)
-            self._port = port
+            self._port = self._stack._take_port()
         audio.startTransmit(self._port)
         self._port.startTransmit(audio)
         self._media_index = index
@@ -660,22 +698,32 @@ class StackCall:
         except pj.Error:
             pass
 
-    def _report_stats(self) -> None:
-        if not self._alive or self._media_index < 0 or not self._rtcp:
+    def _read_stats(self, now: float, report: bool) -> None:
+        """New packets since the last look: the caller is heard (see HEARD_SECONDS); every
+        STATS_SECONDS the figures also go to the RTCP listeners."""
+        if not self._alive or self._media_index < 0:
             return
         try:
             stats = _rtp_stats(self._call.getStreamStat(self._media_index))
         except pj.Error:
             return
-        for listener in list(self._rtcp):
-            listener(stats)
+        if stats.rx_packets != self._rx_packets:
+            self._rx_packets = stats.rx_packets
+            self._heard_until = now + HEARD_SECONDS
+        if report:
+            for listener in list(self._rtcp):
+                listener(stats)
 
     def _gone(self) -> None:
         """pjsua disconnected the call (its stream left the conference bridge, so the clock
         thread no longer calls our port): drop the pj objects now, while pjsua runs. A pj
         Call or port destroyed after `libDestroy` fails a pj assertion and aborts."""
         self._alive = False
-        self._port = None
+        if self._port is not None:
+            # Its connections went with the call's own port (pjsua removed it); calling
+            # stopTransmit on that gone slot would fail a pj assertion.
+            self._stack._give_port(self._port)
+            self._port = None
         self._call = None
 
     def _hangup_now(self, status: int = 0) -> None:
@@ -780,6 +828,9 @@ class StackCall:
         if port is None:
             raise MediaInactive("no audio")
         with port.lock:
+            if time.monotonic() > self._heard_until:  # no packets: the jitter buffer's fill, not the caller
+                port.rx.clear()
+                return b""
             n = min(max_bytes, len(port.rx)) & ~1
             data = bytes(port.rx[:n])
             del port.rx[:n]
