@@ -27,6 +27,7 @@ import threading
 import time
 import wave
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -589,10 +590,14 @@ class NeverAcksPhone(RawPhone):
             super()._send(lines, addr, body)
 
 
-def wait_sip_ready(port: int, timeout: float = 30.0) -> None:
-    """The SIP leg answers OPTIONS once its front door is up."""
+def wait_sip_ready(port: int, timeout: float = 30.0, gone: "Callable[[], str | None] | None" = None) -> None:
+    """The SIP leg answers OPTIONS once its front door is up. `gone()` says why it never
+    will (the process exited: its SIP leg did not start) and ends the wait at once."""
     deadline = time.monotonic() + timeout
     while True:
+        why = gone() if gone is not None else None
+        if why is not None:
+            raise RuntimeError(why)
         try:
             if sip_request(port, method="OPTIONS", timeout=0.5).status == 200:
                 return
@@ -701,4 +706,8 @@ class BridgeProcess(ServeProcess):
                          log_path=workdir / f"bridge-{sip_port}-{os.getpid()}-{next(_rtp_block)}.log")
 
     def wait_ready(self, deadline: float) -> None:
-        wait_sip_ready(self.sip_port, timeout=max(1.0, deadline - time.monotonic()))
+        def exited() -> str | None:
+            code = self.proc.poll() if self.proc is not None else None
+            return None if code is None else f"duplexline serve exited with {code}: {self.log()}"
+
+        wait_sip_ready(self.sip_port, timeout=max(1.0, deadline - time.monotonic()), gone=exited)
