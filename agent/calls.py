@@ -154,8 +154,6 @@ class CallManager:
     def _ended(self, session: CallSession) -> None:
         if self._calls.pop(session.info.call_id, None) is None:
             return
-        if session.recording is not None:
-            session.recording.close()  # no more frames: the writer finishes the file
         transport = str(session.info.transport)
         self.metrics.active_calls.labels(transport=transport).dec()
         self.metrics.calls.labels(transport=transport, outcome="completed").inc()

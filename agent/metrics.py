@@ -6,11 +6,10 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .quality_metrics import QualityMetrics
+from .quality_metrics import TRANSPORTS, QualityMetrics
 
 __all__ = ["AgentMetrics"]
 
-TRANSPORTS = ("sip", "webrtc")
 CALL_OUTCOMES = ("completed", "refused_486", "refused_503", "refused_draining")
 FRAME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 REHOME_REASONS = ("worker-lost", "heartbeat", "draining", "error")  # model/worker_client.py

@@ -85,8 +85,9 @@ class LineQuality:
         self.stats = stats
 
     def listen(self, now: float) -> None:
-        """The call is answered (or resumed): dead air counts from `now`."""
-        self._heard_at = now
+        """The call is answered (or resumed): dead air counts from `now` (with dead air
+        off, nothing is watched: `frame` then costs nothing)."""
+        self._heard_at = now if self.dead_air_seconds else None
         self._silent = False
 
     def pause(self) -> None:

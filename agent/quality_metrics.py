@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from .store import Transport
+
 __all__ = ["QualityMetrics"]
 
-TRANSPORTS = ("sip", "webrtc")
+TRANSPORTS = tuple(str(t) for t in Transport)  # every label value, from the store's own enum
 LOSS_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5)
 JITTER_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 RTT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)

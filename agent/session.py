@@ -246,6 +246,8 @@ class CallSession:
             except Exception:
                 log.exception("call %s: agent session close failed", self.info.call_id)
         self.state = CallState.ENDED
+        if self.recording is not None:
+            self.recording.close()  # no more frames: the writer finishes the file
         self.emit("quality", self.line.finish(self.detail.codec))  # stored: /calls/{id} shows it after the end
         await self._bg.wait(2.0)  # queued event writes land before the end (the store never blocks long)
         await self.flush_counts()

@@ -288,9 +288,9 @@ def run_row(calls: int, servers: int, seconds: float, pin: bool, workdir: Path, 
     tick = sum(a.get("duplexline_sip_media_tick_duration_seconds_sum", 0) -
                b.get("duplexline_sip_media_tick_duration_seconds_sum", 0) for a, b in zip(m1, m0)) / wall
     by_name: dict[str, float] = {}
-    for key, seconds in th1.items():  # threads by name over all the bridges: where the CPU goes
+    for key, used in th1.items():  # threads by name over all the bridges: where the CPU goes
         name = key[1].rsplit("/", 1)[0]
-        by_name[name] = by_name.get(name, 0.0) + (seconds - th0.get(key, 0.0)) / wall  # a new thread: all of it
+        by_name[name] = by_name.get(name, 0.0) + (used - th0.get(key, 0.0)) / wall  # a new thread: all of it
     busiest = sorted(by_name.items(), key=lambda kv: -kv[1])[:4]
     return {"backend": backend, "calls": calls, "servers": servers, "threads": busiest, "established": established, "spread": active,
             "cores": cores, "tick": tick, "cpu_per_call": 100 * cores / max(1, established),
