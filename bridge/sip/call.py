@@ -16,7 +16,8 @@ concealment or silence; measured with PCMU and Opus, by a far end that never sen
 one stopped mid-call), so an empty read is the signal. A HELD call is spared (a held far
 end rightly sends nothing) and its clock restarts on resume.
 
-Media: the shared ticker (bridge/sip/media.py) calls `media_tick(now)` every 10 ms. It reads
+Media: the shared ticker (bridge/sip/media.py) runs `media_read`, `media_feed` and
+`media_write` every 10 ms, each over every call before the next. It reads
 what the stack received (PCM at the codec's rate; Opus is 48 kHz stereo, folded to mono),
 turns it into 16 kHz frames (`LineAudio.receive`) and hands them to the session on the
 call's own 20 ms grid, one frame behind the first arrival (see `_feed`: the stack's
@@ -30,9 +31,9 @@ the line audio rebuilt at the new rate. On hold nothing is fed or played.
 The session's sink is `LineSink`, which forwards to the `LineAudio` of the current
 format (a call is admitted before its codec's rate is known to us).
 
-Hot path (`media_tick`, and the ticker's phases `media_read`/`media_feed`/`media_write`,
-which let one `ResampleBatch` per direction resample every call's audio of a tick): no
-logging, no awaiting; problems are counted.
+Hot path (the ticker's phases `media_read`/`media_feed`/`media_write`, which let one
+`ResampleBatch` per direction resample every call's audio of a tick): no logging, no
+awaiting; problems are counted.
 """
 
 from __future__ import annotations
@@ -268,9 +269,11 @@ class SipCall:
         stats = self.stack.stats
         if stats is not None:
             self.metrics.rtp_received.inc(stats.rx_packets)
-            self.metrics.rtp_lost.inc(_line_stats(stats, self._far_rtcp).lost)
+            line = _line_stats(stats, self._far_rtcp)
+            self.metrics.rtp_lost.inc(line.lost)
             self.metrics.rtp_late.inc(stats.jbuf_late)
-            self._line(stats)  # the final figures, before the session sums them up
+            if self.session is not None:
+                self.session.line.update(line)  # the final figures, before the session sums them up
         if not self.closed.done():
             self.closed.set_result(reason)
         log.info("SIP call %s %s ended: %s%s", self.call_id, self.direction, reason,
@@ -305,15 +308,6 @@ class SipCall:
         await self.hangup("media-timeout")
 
     # ---- media (the shared ticker; event loop thread; never logs) -------------------------
-
-    def media_tick(self, now: float) -> None:
-        """One tick for this call alone: the ticker's three phases with batches of one."""
-        inbound, outbound = ResampleBatch(), ResampleBatch()
-        if self.media_read(now, inbound):
-            inbound.run()
-            self.media_feed(now, inbound, outbound)
-            outbound.run()
-            self.media_write(now, outbound)
 
     # The ticker runs each phase for every call before the next phase, so that every call's
     # resampling of a tick is one `ResampleBatch.run()` per direction. A phase that returns

@@ -119,7 +119,7 @@ class SipFront:
                  tls_listen: tuple[str, int] | None = None, tls_context: ssl.SSLContext | None = None,
                  stack_rate: RateLimiter | None = None) -> None:
         """`stack_rate`: new INVITEs this process's stack takes per second, from all sources
-        together (None: as many as the other limits let through)."""
+        together (None, or a limiter without a rate: as many as the other limits let through)."""
         self.host = host
         self.tls_listen = tls_listen if tls_context is not None else None
         self.tls_context = tls_context
@@ -130,7 +130,7 @@ class SipFront:
         self.metrics = metrics
         self.allow = allow
         self.limiter = limiter
-        self.stack_rate = stack_rate
+        self.stack_rate = stack_rate or RateLimiter(None)
         self.auth = auth
         self.draining = draining
         self.shared_listen = shared_listen
@@ -336,7 +336,7 @@ class SipFront:
                         extra=[("Retry-After", str(_RETRY_AFTER_PENDING))])
             self._refused(msg, called, wire, 503, "too-many-pending", route.name)
             return
-        if self.stack_rate is not None and not self.stack_rate.allow("stack"):
+        if not self.stack_rate.allow("stack"):
             m.labels(outcome="pending_limit").inc()
             self.metrics.refused.labels(reason="stack_rate").inc()
             self._warn("the SIP stack's INVITE rate (%g a second): refusing a call from %s", self.stack_rate.rate, host)

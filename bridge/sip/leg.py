@@ -44,7 +44,7 @@ from .routes import Route, RouteTable
 from .siblings import Siblings
 from .stack import (INBOUND_USER, AccountSpec, CallEvent, CallEventKind, DialFailed, DialNoAnswer, Stack, StackAccount,
                     StackCall, StackError)
-from .tls import server_context, stack_tls_config
+from .tls import server_context
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -109,7 +109,6 @@ class SipLeg:
         if self.sip.backend == "pjsua2":
             _refuse_on_pjsua2(tls is not None or self.sip.tls_ca is not None, self.routes)
         tls_context = server_context(self.sip.tls_cert, self.sip.tls_key) if tls is not None else None
-        tls_config = stack_tls_config(self.sip.tls_ca)
         stack_host = self.sip.public_address or listen.host
         if stack_host in ("0.0.0.0", "::"):
             raise ConfigError("sip_public_address", None, "required when --sip-listen is a wildcard "
@@ -119,11 +118,11 @@ class SipLeg:
             await self.stack.start(host=stack_host, port=port, rtp_ports=self.sip.rtp_ports,
                                    max_calls=self.sip.max_calls,
                                    log_level="info" if self.settings.log_level == "DEBUG" else "error",
-                                   tls_config=tls_config)
+                                   tls_ca=self.sip.tls_ca)
             # SRTP best effort for every inbound call; each route's policy is the front's (sip/srtp.py).
             self._inbound = await self.stack.add_account(AccountSpec(
                 INBOUND_USER, f"{stack_host}:{port}", reg_interval=0, codecs=self.sip.codecs, catch_all=True,
-                mediaenc="srtp" if self.sip.backend == "baresip" else None))
+                mediaenc="srtp"))
             self._inbound.on_incoming(self._on_front_call)
             for entry in entries:
                 account = await self.stack.add_account(entry.spec)
@@ -139,6 +138,7 @@ class SipLeg:
                 self._key = self.siblings.key
                 self._publisher = asyncio.get_running_loop().create_task(self._publish(), name="sip-siblings")
             auth = DigestAuth(*self.sip.auth) if self.sip.auth else None
+            stack_rate = backends.INVITE_RATE[self.sip.backend]  # None: no limit of the stack's own
             self.front = SipFront(listen.host, listen.port, upstream=(stack_host, port), routes=self.routes,
                                   metrics=self.metrics, allow=Allowlist(self.sip.allow),
                                   limiter=RateLimiter(self.sip.invite_rate), auth=auth,
@@ -149,7 +149,8 @@ class SipLeg:
                                   tcp_max_connections=self.sip.tcp_max_connections,
                                   tcp_idle_timeout=self.sip.tcp_idle_timeout, on_refused=self._front_refused,
                                   tls_listen=(tls.host, tls.port) if tls is not None else None,
-                                  tls_context=tls_context, stack_rate=_stack_rate(self.sip.backend))
+                                  tls_context=tls_context,
+                                  stack_rate=RateLimiter(stack_rate, burst=stack_rate))
             await self.front.start()
             self.ticker.start()
         except BaseException:
@@ -403,8 +404,3 @@ def _refuse_on_pjsua2(tls: bool, routes: RouteTable) -> None:
     if demanding:
         raise ConfigError("sip_routes", ",".join(demanding), "srtp required is refused on --sip-backend pjsua2 "
                           "(no SRTP on the wheel's OpenSSL 1.0.2k); use --sip-backend baresip")
-
-
-def _stack_rate(backend: str) -> RateLimiter | None:
-    rate = backends.INVITE_RATE[backend]
-    return RateLimiter(rate, burst=rate) if rate is not None else None

@@ -9,12 +9,12 @@ starved frame added 20 ms of echo delay for the rest of the call (measured: 40 -
 within five seconds); reading twice per frame kept it flat. Ticks are scheduled on
 absolute deadlines (`loop.call_at`), so they do not drift; a tick that runs late is
 measured, and if it ran more than a whole period late the schedule restarts from now
-(each call then skips the backlog itself: see SipCall.media_tick).
+(each call then skips the backlog itself: see SipCall._write and _feed).
 
 One tick runs three phases over the calls: every call reads (its line audio is staged in
 one `ResampleBatch`), the batch resamples all of it to 16 kHz at once; every call feeds its
 session (what the agent plays is staged in a second batch), that batch resamples to each
-line's rate at once; every call writes. Per call that is the order of `SipCall.media_tick`
+line's rate at once; every call writes. Per call that is the order a call alone would take,
 and the same samples (bridge/media/batch_resample.py); per tick it is one numpy product
 per direction, rate pair and chunk size instead of one per call and chunk.
 

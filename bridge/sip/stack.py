@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 from ..errors import BridgeError
@@ -180,6 +181,6 @@ class StackAccount(Protocol):
 
 class Stack(Protocol):
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
-                    log_level: str = "warning", tls_config: str = "") -> None: ...
+                    log_level: str = "warning", tls_ca: Path | None = None) -> None: ...
     async def close(self) -> None: ...
     async def add_account(self, spec: AccountSpec) -> StackAccount: ...

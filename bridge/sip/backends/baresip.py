@@ -26,6 +26,7 @@ Facts about the binding this relies on (checked against its source and on this m
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 import baresip
@@ -36,6 +37,7 @@ from agent.once import Once
 from ..stack import (AccountSpec, AudioFormat, CallEvent, CallEventKind, DialBusy, DialDeclined, DialFailed,
                      DialNoAnswer, MediaInactive, MediaRestarted, RegisterFailed, RtpStats, StackError,
                      TransferRefused)
+from ..tls import stack_tls_config
 
 __all__ = ["Stack", "StackAccount", "StackCall", "STACK_CODECS"]
 
@@ -79,8 +81,10 @@ class Stack:
         self._closing = Once()
 
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
-                    log_level: str = "warning", tls_config: str = "") -> None:
-        """`tls_config`: the stack's TLS lines (bridge/sip/tls.py `stack_tls_config`)."""
+                    log_level: str = "warning", tls_ca: Path | None = None) -> None:
+        """`tls_ca`: what the stack verifies TLS peers against (None: the system's CAs);
+        ConfigError naming --sip-tls-ca when it cannot be read (bridge/sip/tls.py)."""
+        tls_config = stack_tls_config(tls_ca)
         extra = (f"sip_listen {host}:{port}\n"
                  f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}\n"
                  f"{_JITTER}{tls_config}")

@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Callable
 
 import pjsua2 as pj
@@ -178,13 +179,13 @@ class Stack:
         self._next_packets = self._next_stats = 0.0
         self._codecs: tuple[str, ...] = ()  # the first account's, for the whole process
         self._handles: list[StackAccount] = []
-        self._all_ports: list[_Port] = []  # one per concurrent call at most, reused (see _Port)
+        self._ports_made = 0  # one per concurrent call at most, reused (see _Port)
         self._free_ports: list[_Port] = []
 
     async def start(self, *, host: str, port: int, rtp_ports: tuple[int, int], max_calls: int,
-                    log_level: str = "warning", tls_config: str = "") -> None:
-        """`tls_config` (baresip's TLS client lines) is unused: the leg refuses every TLS
-        setting on this backend before the stack starts."""
+                    log_level: str = "warning", tls_ca: Path | None = None) -> None:
+        """`tls_ca` is unused: the leg refuses every TLS setting on this backend before the
+        stack starts."""
         if max_calls > MAX_CALLS:
             raise StackError(f"pjsua2 backend: at most {MAX_CALLS} calls per process (the wheel's PJSUA_MAX_CALLS), "
                              f"{max_calls} asked")
@@ -220,7 +221,6 @@ class Stack:
             self._tcp_id = ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, transport)
             ep.libStart()
             ep.audDevManager().setNullDev()  # the null device's thread is the one media clock
-            self._set_codecs(tuple(STACK_CODECS))
         except pj.Error as exc:
             await self.close()
             raise StackError(f"the SIP stack (pjsua2) did not start on {host}:{port}: {_error_text(exc)}") from None
@@ -346,9 +346,11 @@ class Stack:
         return handle
 
     def _take_port(self) -> _Port:
-        port = self._free_ports.pop() if self._free_ports else _Port(f"line{len(self._all_ports)}")
-        if port not in self._all_ports:
-            self._all_ports.append(port)
+        if self._free_ports:
+            port = self._free_ports.pop()
+        else:
+            self._ports_made += 1
+            port = _Port(f"line{self._ports_made}")
         port.reset(active=True)
         return port
 
