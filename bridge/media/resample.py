@@ -40,7 +40,7 @@ try:  # the clip ufunc itself: np.clip's Python wrapper costs more than the whol
 except ImportError:  # numpy 1.x
     from numpy.core.umath import clip as _clip  # type: ignore[no-redef]
 
-__all__ = ["Resampler"]  # and, for bridge/media/batch_resample.py: _Plan, Resampler._advance
+__all__ = ["Resampler"]
 
 _INT16 = np.dtype(np.int16)
 # 0-d arrays, not scalars: the ufunc then skips scalar conversion (about 1 µs a call).
@@ -60,8 +60,7 @@ class _Plan(NamedTuple):
     dst: np.ndarray  # where the n new inputs go
     window: np.ndarray | None  # (blocks, H + B) overlapping rows of the buffer
     res: np.ndarray | None  # (blocks, Bo) float32 product
-    flat: np.ndarray | None  # the due outputs within `res`...
-    skip: int  # ...which start this far into it
+    flat: np.ndarray | None  # the due outputs within `res`
     count: int  # how many outputs are due
     next_origin: int
     next_phase: int
@@ -146,7 +145,14 @@ class Resampler:
         n = x.shape[0]
         if n > self._limit or n == 0:
             return self._uncommon(x)
-        _, _, _, window, res, flat, _, count, _, _ = self._advance(x, n)
+        plan = self._plans.get((self._origin, self._phase, n))
+        if plan is None:
+            plan = self._plan(n)
+        move_to, move_from, dst, window, res, flat, count, self._origin, self._phase = plan
+        self._samples_in += n
+        if move_to is not None:
+            np.copyto(move_to, move_from)  # history back to the buffer's start
+        np.copyto(dst, x, casting="unsafe")  # int16 -> float32 is exact
         if not count:  # decimating, and this chunk did not complete an output
             return np.empty(0, np.int16)
         np.dot(window, self._matrix, out=res)
@@ -166,22 +172,6 @@ class Resampler:
         self._samples_in = 0
 
     # -- internals ----------------------------------------------------------------------
-
-    def _advance(self, x: np.ndarray, n: int) -> _Plan:
-        """Take `n` = len(x) inputs (0 < n <= the step limit, int16, 1-D) into the buffer and
-        move the stream's state on; return the step's plan, whose `window` then holds the
-        rows to multiply by the design's matrix. Shared by `process` and `ResampleBatch`
-        (bridge/media/batch_resample.py), which does that product for many streams at once."""
-        plan = self._plans.get((self._origin, self._phase, n))
-        if plan is None:
-            plan = self._plan(n)
-        move_to, move_from, dst, _, _, _, _, _, self._origin, self._phase = plan
-        self._samples_in += n
-        # Item assignment, not np.copyto: the same copy without its Python wrapper (0.3 µs).
-        if move_to is not None:
-            move_to[...] = move_from  # history back to the buffer's start (overlap-safe)
-        dst[...] = x  # int16 -> float32 is exact
-        return plan
 
     def _uncommon(self, x: np.ndarray) -> np.ndarray:
         """Empty chunks, the identity, and chunks too long for one step."""
@@ -220,7 +210,6 @@ class Resampler:
         first = -(-phase * up // down)
         stop = -(-end * up // down)
         window = res = flat = None
-        skip = 0
         if stop > first:
             b0 = first // block_out
             nb = (stop - 1) // block_out - b0 + 1
@@ -236,8 +225,7 @@ class Resampler:
                 (block * itemsize, itemsize),
             )
             res = self._res[:nb]
-            skip = first - b0 * block_out
-            flat = res.reshape(-1)[skip : skip + stop - first]
+            flat = res.reshape(-1)[first - b0 * block_out : stop - b0 * block_out]
         done = end // block
         plan = _Plan(
             move_to,
@@ -246,7 +234,6 @@ class Resampler:
             window,
             res,
             flat,
-            skip,
             stop - first,
             origin + done * block,
             end - done * block,

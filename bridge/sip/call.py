@@ -16,8 +16,7 @@ concealment or silence; measured with PCMU and Opus, by a far end that never sen
 one stopped mid-call), so an empty read is the signal. A HELD call is spared (a held far
 end rightly sends nothing) and its clock restarts on resume.
 
-Media: the shared ticker (bridge/sip/media.py) runs `media_read`, `media_feed` and
-`media_write` every 10 ms, each over every call before the next. It reads
+Media: the shared ticker (bridge/sip/media.py) calls `media_tick(now)` every 10 ms. It reads
 what the stack received (PCM at the codec's rate; Opus is 48 kHz stereo, folded to mono),
 turns it into 16 kHz frames (`LineAudio.receive`) and hands them to the session on the
 call's own 20 ms grid, one frame behind the first arrival (see `_feed`: the stack's
@@ -31,9 +30,7 @@ the line audio rebuilt at the new rate. On hold nothing is fed or played.
 The session's sink is `LineSink`, which forwards to the `LineAudio` of the current
 format (a call is admitted before its codec's rate is known to us).
 
-Hot path (the ticker's phases `media_read`/`media_feed`/`media_write`, which let one
-`ResampleBatch` per direction resample every call's audio of a tick): no logging, no
-awaiting; problems are counted.
+Hot path (`media_tick`): no logging, no awaiting; problems are counted.
 """
 
 from __future__ import annotations
@@ -52,7 +49,6 @@ from agent.quality import LineStats
 from agent.session import FRAME_SECONDS, CallSession
 
 from ..line_audio import LineAudio
-from ..media.batch_resample import ResampleBatch
 from .metrics import SipMetrics
 from .stack import (AudioFormat, CallEvent, CallEventKind, MediaInactive, MediaRestarted, RtpStats, StackCall,
                     StackError)
@@ -141,7 +137,6 @@ class SipCall:
         self._sent = 0
         self._ticks = 0
         self._read_bytes = 0
-        self._ticket = -1  # this tick's staged read in the ticker's inbound batch; -1: none
         self._counted_active = False
         self.media_timeout = media_timeout
         self._heard_at: float | None = None  # last caller audio read; None: clock not started
@@ -309,23 +304,15 @@ class SipCall:
 
     # ---- media (the shared ticker; event loop thread; never logs) -------------------------
 
-    # The ticker runs each phase for every call before the next phase, so that every call's
-    # resampling of a tick is one `ResampleBatch.run()` per direction. A phase that returns
-    # False (or raises) ends this call's tick; the order of the work per call is unchanged:
-    # read -> 8/16/48 -> 16 kHz -> feed (the agent plays) -> 16 -> line rate -> write.
-
-    def media_read(self, now: float, inbound: ResampleBatch) -> bool:
-        """Read what the stack received and stage it in `inbound`. False: no more this tick."""
+    def media_tick(self, now: float) -> None:
         if self.state is not SipCallState.ACTIVE or self.session is None:
-            return False
+            return
         if self._heard_at is None:
             self._heard_at = now  # active (again): the media clock starts
-        go = False
         try:
             if self._fmt is None:
                 self._start_media(now)
-            self._read(now, inbound)
-            go = True
+            self._pump(now)
         except MediaRestarted:
             self._fmt = None  # the streams were replaced: probe again next tick
         except MediaInactive:
@@ -333,32 +320,6 @@ class SipCall:
         if self.media_timeout and not self._reaping and now - self._heard_at >= self.media_timeout:
             self._reaping = True
             self._bg.spawn(self._reap(now - self._heard_at))
-        return go
-
-    def media_feed(self, now: float, inbound: ResampleBatch, outbound: ResampleBatch) -> None:
-        """`inbound` has run: frame this call's audio, feed the session on its grid; what the
-        agent plays meanwhile is staged in `outbound`."""
-        line = self.sink.line
-        assert line is not None
-        if self._ticket >= 0:
-            self._inq.extend(line.received(inbound, self._ticket))
-        line.defer_play(outbound)
-        try:
-            self._feed(now)
-        finally:
-            line.defer_play(None)
-
-    def media_write(self, now: float, outbound: ResampleBatch) -> None:
-        """`outbound` has run: queue the agent's audio, write the frames that are due."""
-        line = self.sink.line
-        assert line is not None
-        line.settle(outbound)
-        try:
-            self._write(now, line)
-        except MediaRestarted:
-            self._fmt = None
-        except MediaInactive:
-            pass
 
     def _start_media(self, now: float) -> None:
         fmt = self.stack.audio_format()
@@ -371,22 +332,18 @@ class SipCall:
         self._sent = 0
         self._ticks = 0
 
-    def _read(self, now: float, inbound: ResampleBatch) -> None:
+    def _pump(self, now: float) -> None:
         fmt = self._fmt
         line = self.sink.line
         assert fmt is not None and line is not None and self.session is not None
-        self._ticket = -1
         data = self.stack.read(self._read_bytes)
         if data:
             self._heard_at = now
             pcm = np.frombuffer(data, dtype=np.int16)
             if fmt.rx_channels == 2:
                 pcm = pcm[0::2]  # both channels carry the same voice; the resampler copies a view
-            self._ticket = line.receive_into(inbound, pcm)
-
-    def _write(self, now: float, line: LineAudio) -> None:
-        fmt = self._fmt
-        assert fmt is not None and self.session is not None
+            self._inq.extend(line.receive(pcm))
+        self._feed(now)
         due = int((now - self._t0) / FRAME_SECONDS) + _AHEAD
         if due - self._sent > _MAX_BEHIND:
             self._sent = due - _AHEAD  # a stall: drop the backlog rather than queue delay
